@@ -1,0 +1,220 @@
+"""Assembly: the store, the servicer, health, reflection, metrics, and shutdown.
+
+:func:`start` builds and starts a server on the running event loop;
+:func:`serve` is what the CLI runs (signals, graceful stop);
+:class:`BackgroundServer` runs one in a thread, for tests and embedding.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import threading
+import time
+from collections.abc import Callable
+from types import TracebackType
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import CollectorRegistry
+from prometheus_client.exposition import start_http_server
+
+from masstasker.server.config import Settings, format_address, parse_address
+from masstasker.server.metrics import GroupStats, RpcMetrics, StoreCollector
+from masstasker.server.service import SERVICE_NAME, MassTaskerService
+from masstasker.server.store import Store, TaskSpec
+from masstasker.server.waiters import Waiters
+
+__all__ = ["BackgroundServer", "Server", "serve", "start"]
+
+log = logging.getLogger("masstasker.server")
+
+_SERVING = health_pb2.HealthCheckResponse.SERVING
+_START_TIMEOUT = 30.0
+
+
+class Server:
+    """A running MassTasker server; made by :func:`start`."""
+
+    def __init__(
+        self,
+        grpc_server: grpc.aio.Server,
+        store: Store,
+        waiters: Waiters,
+        health_servicer: health.aio.HealthServicer,
+        host: str,
+        port: int,
+        settings: Settings,
+    ) -> None:
+        self.store = store
+        self.waiters = waiters
+        self.host = host
+        self.port = port
+        self.settings = settings
+        self.http_port: int | None = None
+        self._grpc = grpc_server
+        self._health = health_servicer
+        self._http: Any = None
+        self._stopped = False
+
+    @property
+    def target(self) -> str:
+        """``HOST:PORT`` a client on this machine can dial."""
+        host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(self.host, self.host)
+        return format_address(host, self.port)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Refuse new calls, release waiting Queries (UNAVAILABLE), give in-flight calls ``grace`` seconds."""
+        if self._stopped:
+            return
+        self._stopped = True
+        await self._health.enter_graceful_shutdown()
+        self.waiters.release_all()
+        await self._grpc.stop(self.settings.shutdown_grace if grace is None else grace)
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+
+    async def wait_for_termination(self) -> None:
+        """Return when the gRPC server has stopped."""
+        await self._grpc.wait_for_termination()
+
+
+def _group_stats(store: Store, waiters: Waiters, clock: Callable[[], int]) -> Callable[[], tuple[GroupStats, int, int]]:
+    def read() -> tuple[GroupStats, int, int]:
+        now = clock()
+        stats = {group: (size, store.visible_count(group, now)) for group, size in store.groups()}
+        return stats, len(waiters), len(store)
+
+    return read
+
+
+async def start(settings: Settings, *, clock: Callable[[], int] = time.time_ns) -> Server:
+    """Build, bind and start a server on the running loop; it is SERVING on return."""
+    loop = asyncio.get_running_loop()
+    store = Store(clock)
+    waiters = Waiters(store, clock)
+    registry = CollectorRegistry(auto_describe=False)
+    service = MassTaskerService(store, waiters, settings, RpcMetrics(registry))
+
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", settings.max_msg_size),
+            ("grpc.max_send_message_length", settings.max_msg_size),
+            # Without this, a second server could bind the same port and split the traffic.
+            ("grpc.so_reuseport", 0),
+        ]
+    )
+    server.add_generic_rpc_handlers((service.handler(),))
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME),
+        server,
+    )
+    address = settings.rpc_address
+    host, _ = parse_address(address)
+    try:
+        port = server.add_insecure_port(address)
+    except RuntimeError as exc:
+        raise OSError(f"cannot listen on {address}: {exc}") from exc
+
+    if settings.bootstrap_task_group and not store.group_size(settings.bootstrap_task_group):
+        store.update([TaskSpec(settings.bootstrap_task_group, None)])
+        log.info("created the bootstrap task in group %r", settings.bootstrap_task_group)
+
+    running = Server(server, store, waiters, health_servicer, host, port, settings)
+    await server.start()
+    if settings.listen_http:
+        http_host, http_port = parse_address(settings.listen_http)
+        registry.register(StoreCollector(loop, _group_stats(store, waiters, clock)))
+        try:
+            running._http, _ = start_http_server(http_port, http_host, registry)
+        except OSError as exc:
+            await server.stop(None)
+            raise OSError(f"cannot serve metrics on {settings.listen_http}: {exc}") from exc
+        running.http_port = running._http.server_port
+        log.info("metrics on http://%s/metrics", format_address(http_host, running.http_port))
+    await health_servicer.set("", _SERVING)
+    await health_servicer.set(SERVICE_NAME, _SERVING)
+    log.info("listening on %s", format_address(host, port))
+    return running
+
+
+async def serve(settings: Settings) -> None:
+    """Run until SIGTERM or SIGINT, then stop gracefully."""
+    server = await start(settings)
+    loop = asyncio.get_running_loop()
+    stopping = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    await stopping.wait()
+    log.info("shutting down: %.1f s for in-flight calls", settings.shutdown_grace)
+    await server.stop()
+    log.info("stopped")
+
+
+class BackgroundServer:
+    """A server on its own event loop in a daemon thread; a context manager.
+
+    ``with BackgroundServer(Settings(port=0, listen_http="")) as srv:`` then
+    dial ``srv.target``.
+    """
+
+    def __init__(self, settings: Settings | None = None, *, clock: Callable[[], int] = time.time_ns) -> None:
+        self.settings = settings or Settings(port=0, listen_http="")
+        self._clock = clock
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="masstasker-server", daemon=True)
+        self.server: Server | None = None
+
+    @property
+    def port(self) -> int:
+        """The bound gRPC port."""
+        assert self.server is not None, "not started"
+        return self.server.port
+
+    @property
+    def target(self) -> str:
+        """``HOST:PORT`` to dial."""
+        assert self.server is not None, "not started"
+        return self.server.target
+
+    def call(self, fn: Callable[[Server], Any]) -> Any:
+        """Run ``fn(server)`` on the server's loop and return its result (tests inspect the store this way)."""
+        assert self.server is not None, "not started"
+        server = self.server
+
+        async def run() -> Any:
+            return fn(server)
+
+        return asyncio.run_coroutine_threadsafe(run(), self._loop).result(_START_TIMEOUT)
+
+    def start(self) -> BackgroundServer:
+        """Start the thread and the server; return when it serves."""
+        self._thread.start()
+        future = asyncio.run_coroutine_threadsafe(start(self.settings, clock=self._clock), self._loop)
+        self.server = future.result(_START_TIMEOUT)
+        return self
+
+    def stop(self, grace: float | None = 1.0) -> None:
+        """Stop the server and the thread."""
+        if self.server is not None:
+            asyncio.run_coroutine_threadsafe(self.server.stop(grace), self._loop).result(_START_TIMEOUT + (grace or 0))
+            self.server = None
+        if self._thread.is_alive():
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(_START_TIMEOUT)
+        if not self._loop.is_closed() and not self._loop.is_running():
+            self._loop.close()
+
+    def __enter__(self) -> BackgroundServer:
+        return self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()

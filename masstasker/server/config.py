@@ -1,0 +1,130 @@
+"""Server settings: command-line flags, each also read from ``MASSTASKER_<FLAG>``.
+
+``--listen-rpc`` becomes ``MASSTASKER_LISTEN_RPC``, as the Go server does.
+A flag given on the command line wins over the environment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+__all__ = [
+    "DEFAULT_HTTP",
+    "DEFAULT_PORT",
+    "ENV_PREFIX",
+    "Settings",
+    "parse_address",
+    "parse_args",
+]
+
+ENV_PREFIX = "MASSTASKER_"
+DEFAULT_PORT = 50053
+DEFAULT_HTTP = "127.0.0.1:8080"
+DEFAULT_MAX_MSG_SIZE = 4 * 1024 * 1024
+DEFAULT_MAX_QUERY_TASKS = 1000
+DEFAULT_SHUTDOWN_GRACE = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Everything the server can be told at start. Defaults suit local development."""
+
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_PORT
+    listen_rpc: str = ""  # HOST:PORT; overrides host and port when set
+    listen_http: str = DEFAULT_HTTP  # HOST:PORT for /metrics; "" turns metrics off
+    bootstrap_task_group: str | None = None
+    max_msg_size: int = DEFAULT_MAX_MSG_SIZE
+    max_query_tasks: int = DEFAULT_MAX_QUERY_TASKS
+    shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE
+    log_level: str = "info"
+    log_format: str = "text"
+
+    @property
+    def rpc_address(self) -> str:
+        """The gRPC listen address as HOST:PORT."""
+        if self.listen_rpc:
+            host, port = parse_address(self.listen_rpc)
+            return format_address(host, port)
+        return format_address(self.host, self.port)
+
+
+def parse_address(value: str) -> tuple[str, int]:
+    """Split ``HOST:PORT``, ``[V6]:PORT`` or ``:PORT`` (all interfaces)."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or int(port) > 65535:
+        raise ValueError(f"{value!r} is not HOST:PORT")
+    host = host.strip("[]") or "::"
+    return host, int(port)
+
+
+def format_address(host: str, port: int) -> str:
+    """``HOST:PORT`` with IPv6 literals bracketed."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _positive_int(value: str) -> int:
+    number = int(value)
+    if number <= 0:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
+    return number
+
+
+def _build_parser(version: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="masstasker-server",
+        description="MassTasker task-queue server. Every flag can also be set as MASSTASKER_<FLAG> "
+        "(e.g. MASSTASKER_LISTEN_RPC).",
+    )
+    defaults = Settings()
+    add = parser.add_argument
+    add("--host", default=defaults.host, help="gRPC listen host (default %(default)s)")
+    add("--port", type=int, default=defaults.port, help="gRPC port; 0 picks a free one (default %(default)s)")
+    add("--listen-rpc", default="", metavar="HOST:PORT", help="gRPC listen address; overrides --host/--port")
+    add("--listen-http", default=defaults.listen_http, metavar="HOST:PORT", help="metrics address; '' turns it off")
+    add("--bootstrap-task-group", default=None, metavar="GROUP", help="create one empty task here if it is empty")
+    add("--max-msg-size", type=_positive_int, default=defaults.max_msg_size, help="largest message in bytes")
+    add("--max-query-tasks", type=_positive_int, default=defaults.max_query_tasks, help="largest Query max_tasks")
+    add("--shutdown-grace", type=float, default=defaults.shutdown_grace, help="seconds in-flight calls get to finish")
+    add("--log-level", default=defaults.log_level, choices=["debug", "info", "warning", "error"])
+    add("--log-format", default=defaults.log_format, choices=["text", "json"])
+    add("--version", action="version", version=f"%(prog)s {version}")
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None, env: Mapping[str, str], version: str) -> Settings:
+    """Settings from the command line, falling back to MASSTASKER_* variables, then defaults."""
+    parser = _build_parser(version)
+    # Environment values become the flags' defaults, so the command line wins
+    # and argparse still validates them (a bad MASSTASKER_PORT is an error).
+    for action in parser._actions:
+        if not action.option_strings or action.dest in ("help", "version"):
+            continue
+        name = ENV_PREFIX + action.dest.upper()
+        if name in env:
+            raw = env[name]
+            try:
+                action.default = action.type(raw) if callable(action.type) else raw
+            except (ValueError, argparse.ArgumentTypeError) as exc:
+                parser.error(f"{name}={raw!r}: {exc}")
+            if action.choices is not None and action.default not in action.choices:
+                parser.error(f"{name}={raw!r}: choose from {', '.join(map(str, action.choices))}")
+    args = parser.parse_args(argv)
+    fields = {f.name for f in dataclasses.fields(Settings)}
+    settings = Settings(**{k: v for k, v in vars(args).items() if k in fields})
+    for name, value in (("--listen-rpc", settings.listen_rpc), ("--listen-http", settings.listen_http)):
+        if value:
+            try:
+                parse_address(value)
+            except ValueError as exc:
+                parser.error(f"{name}: {exc}")
+    return settings
+
+
+def from_environ(argv: Sequence[str] | None = None, version: str = "") -> Settings:
+    """:func:`parse_args` with the process environment."""
+    return parse_args(argv, os.environ, version)

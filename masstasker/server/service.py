@@ -1,0 +1,197 @@
+"""The gRPC servicer: request bytes -> store calls -> response bytes, and status codes.
+
+Handlers take and return raw bytes (registered with no (de)serializers), so
+that a request that does not parse gets INVALID_ARGUMENT from us rather than
+a generic error from the gRPC layer, and so responses are built straight
+into their final message without intermediate copies.
+
+All store work runs on the server's event loop, one handler step at a time:
+each RPC's changes are atomic without locks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+from google.protobuf.message import DecodeError, Message
+
+from masstasker._pb import masstasker_pb2 as pb
+from masstasker.server.config import Settings
+from masstasker.server.convert import (
+    check_timestamp_ns,
+    duration_ns,
+    fill_task,
+    refs_from_pb,
+    spec_from_pb,
+    timestamp_ns,
+)
+from masstasker.server.metrics import RpcMetrics
+from masstasker.server.store import BadRequest, NotFound, PreconditionFailed, Store, StoredTask, labels_tuple
+from masstasker.server.waiters import ShuttingDown, Waiters
+
+__all__ = ["SERVICE_NAME", "MassTaskerService"]
+
+SERVICE_NAME = "masstasker.MassTasker"
+
+log = logging.getLogger("masstasker.server")
+
+M = TypeVar("M", bound=Message)
+
+_CODES: dict[type[BaseException], grpc.StatusCode] = {
+    PreconditionFailed: grpc.StatusCode.FAILED_PRECONDITION,
+    NotFound: grpc.StatusCode.NOT_FOUND,
+    BadRequest: grpc.StatusCode.INVALID_ARGUMENT,
+    TimeoutError: grpc.StatusCode.DEADLINE_EXCEEDED,
+    ShuttingDown: grpc.StatusCode.UNAVAILABLE,
+}
+
+Handler = Callable[[bytes, grpc.aio.ServicerContext[Any, Any]], Awaitable[bytes]]
+
+
+def _parse(message_type: type[M], data: bytes) -> M:
+    try:
+        return message_type.FromString(data)
+    except DecodeError as exc:
+        raise BadRequest(f"request is not a valid {message_type.DESCRIPTOR.full_name}: {exc}") from None
+
+
+class MassTaskerService:
+    """The four MassTasker RPCs over one store."""
+
+    def __init__(self, store: Store, waiters: Waiters, settings: Settings, metrics: RpcMetrics) -> None:
+        self._store = store
+        self._waiters = waiters
+        self._settings = settings
+        self._metrics = metrics
+        self._clock = time.time_ns
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        """The generic handler to register with a server."""
+        methods = {
+            "Update": self._wrap("Update", self.update),
+            "Query": self._wrap("Query", self.query),
+            "BulkSet": self._wrap("BulkSet", self.bulk_set),
+            "Debug": self._wrap("Debug", self.debug),
+        }
+        return grpc.method_handlers_generic_handler(
+            SERVICE_NAME, {name: grpc.unary_unary_rpc_method_handler(fn) for name, fn in methods.items()}
+        )
+
+    def _wrap(self, method: str, fn: Callable[[bytes, Any], Awaitable[bytes]]) -> Handler:
+        """Status-code mapping, metrics and debug logging around one RPC."""
+        observe = self._metrics.observer(method)
+        perf_counter = time.perf_counter
+        debug = log.isEnabledFor(logging.DEBUG)
+
+        async def handle(request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
+            start = perf_counter()
+            try:
+                response = await fn(request, context)
+            except asyncio.CancelledError:
+                observe("CANCELLED", perf_counter() - start)
+                raise
+            except Exception as exc:
+                code = _CODES.get(type(exc))
+                if code is None:
+                    log.exception("%s failed", method)
+                    code, details = grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}"
+                else:
+                    details = str(exc) or code.name.lower().replace("_", " ")
+                observe(code.name, perf_counter() - start)
+                if debug:
+                    log.debug("%s -> %s: %s", method, code.name, details)
+                await context.abort(code, details)
+            observe("OK", perf_counter() - start)
+            if debug:
+                log.debug("%s -> OK (%d bytes)", method, len(response))
+            return response
+
+        return handle
+
+    async def update(self, data: bytes, context: object) -> bytes:
+        """Update: predicates, then deletions, then creations, atomically."""
+        request = _parse(pb.UpdateRequest, data)
+        created = [spec_from_pb(task, f"created[{i}]") for i, task in enumerate(request.created)]
+        ids = self._store.update(created, refs_from_pb(request.deleted), request.predicates)
+        return pb.UpdateResponse(created_ids=ids).SerializeToString()
+
+    async def query(self, data: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
+        """Query: peek at or own the head of a group, waiting for one if asked."""
+        request = _parse(pb.QueryRequest, data)
+        own_for = duration_ns(request.own_for, "own_for") if request.HasField("own_for") else 0
+        if own_for < 0:
+            raise BadRequest(f"own_for must not be negative (got {own_for} ns)")
+        max_tasks = request.max_tasks
+        if max_tasks > self._settings.max_query_tasks:
+            raise BadRequest(f"max_tasks {max_tasks} is above the server's limit of {self._settings.max_query_tasks}")
+        group = request.group
+        store = self._store
+        server_now = self._clock()
+        now = timestamp_ns(request.now, "now") if request.HasField("now") else server_now
+
+        def take(now: int) -> list[StoredTask]:
+            if own_for:
+                check_timestamp_ns(now + own_for, "now + own_for")
+            return store.query(group, now, own_for, max_tasks)
+
+        tasks = take(now)
+        if not tasks:
+            if not request.wait:
+                raise NotFound(f"no visible task in group {group!r}")
+            tasks = await self._waiters.wait(group, now - server_now, take, context.time_remaining())
+        response = pb.QueryResponse()
+        fill_task(response.task, tasks[0])
+        if max_tasks > 1:
+            add = response.tasks.add
+            for task in tasks:
+                fill_task(add(), task)
+        return response.SerializeToString()
+
+    async def bulk_set(self, data: bytes, context: object) -> bytes:
+        """BulkSet: rewrite every selected task from the prototype's non-zero fields."""
+        request = _parse(pb.BulkSetRequest, data)
+        proto = request.prototype
+        not_before = timestamp_ns(proto.not_before, "prototype.not_before") if proto.HasField("not_before") else None
+        patch = None
+        if proto.HasField("data") or proto.labels or proto.error:
+
+            def patch(body: bytes) -> bytes:
+                task = pb.Task.FromString(body)
+                if proto.HasField("data"):
+                    task.data.CopyFrom(proto.data)
+                if proto.labels:
+                    task.labels.clear()
+                    task.labels.update(proto.labels)
+                if proto.error:
+                    task.error = proto.error
+                return task.SerializeToString()
+
+        count = self._store.bulk_set(
+            refs_from_pb(request.ref),
+            group=proto.group or None,
+            not_before=not_before,
+            body_patch=patch,
+            labels=labels_tuple(proto.labels),
+        )
+        return pb.BulkSetResponse(num_updated=count).SerializeToString()
+
+    async def debug(self, data: bytes, context: object) -> bytes:
+        """Debug: a group's tasks in queue order, or all tasks in ID order."""
+        request = _parse(pb.DebugRequest, data)
+        store = self._store
+        if request.group:
+            tasks = store.group_tasks(request.group, request.limit)
+            total = store.group_size(request.group)
+        else:
+            tasks = store.all_tasks(request.limit)
+            total = len(store)
+        response = pb.DebugResponse(num_tasks=total)
+        add = response.tasks.add
+        for task in tasks:
+            fill_task(add(), task)
+        return response.SerializeToString()

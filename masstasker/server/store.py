@@ -1,0 +1,414 @@
+"""The in-memory task store: tasks by ID, one index per group, a label index.
+
+No I/O and no gRPC in here. The servicer turns requests into calls on
+:class:`Store`, and :class:`StoreError` subclasses into status codes.
+
+Layout (the way the Go original keeps it: one structure, private
+``_insert``/``_remove`` helpers that keep every index in sync, public
+operations that check everything first and only then mutate):
+
+- ``_tasks``: ``id -> StoredTask``. IDs only grow and a task is never
+  re-inserted under an old ID, so the dict's insertion order is ID order.
+- ``_groups``: ``group -> SortedList`` of integer keys ``not_before_ns << 64 | id``.
+  One int per entry is smaller and compares faster than a tuple, and it
+  orders exactly like ``(not_before, id)`` because ``0 <= id < 2**64``.
+- ``_labels``: ``(key, value) -> set of IDs``, for label selectors.
+
+Times are integer nanoseconds since the Unix epoch throughout.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from itertools import islice
+
+from sortedcontainers import SortedList
+
+__all__ = [
+    "BadRequest",
+    "GroupRef",
+    "IdRef",
+    "LabelRef",
+    "NotFound",
+    "PreconditionFailed",
+    "Ref",
+    "Store",
+    "StoreError",
+    "StoredTask",
+    "TaskSpec",
+    "key_of",
+]
+
+_ID_BITS = 64
+_ID_MASK = (1 << _ID_BITS) - 1
+MAX_ID = _ID_MASK
+
+
+def key_of(not_before: int, task_id: int) -> int:
+    """The group-index key that sorts like ``(not_before, id)``."""
+    return (not_before << _ID_BITS) | task_id
+
+
+class StoreError(Exception):
+    """A request the store refuses; nothing was changed."""
+
+
+class PreconditionFailed(StoreError):
+    """A predicate ID does not exist."""
+
+
+class NotFound(StoreError):
+    """A referenced task does not exist, or no task is visible."""
+
+
+class BadRequest(StoreError):
+    """The request is malformed."""
+
+
+class StoredTask:
+    """One immutable task.
+
+    ``body`` is the serialized ``Task`` message without ``id``, ``group`` and
+    ``not_before`` (so it carries ``data``, ``labels`` and ``error``): the
+    store never needs to look inside the payload, and bytes are compact.
+    ``labels`` duplicates the label pairs only for tasks that have any, so
+    the label index can be maintained without parsing ``body``.
+    """
+
+    __slots__ = ("body", "group", "id", "labels", "not_before")
+
+    def __init__(
+        self, task_id: int, group: str, not_before: int, body: bytes, labels: tuple[tuple[str, str], ...] | None
+    ) -> None:
+        self.id = task_id
+        self.group = group
+        self.not_before = not_before
+        self.body = body
+        self.labels = labels
+
+    def __repr__(self) -> str:
+        return f"StoredTask(id={self.id}, group={self.group!r}, not_before={self.not_before})"
+
+
+@dataclass(frozen=True, slots=True)
+class TaskSpec:
+    """A task to create: the store assigns the ID.
+
+    ``not_before`` None means "the store's now". ``labels`` and ``body`` as in
+    :class:`StoredTask`.
+    """
+
+    group: str
+    not_before: int | None
+    body: bytes = b""
+    labels: tuple[tuple[str, str], ...] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class IdRef:
+    """Selects one task by ID; a missing ID is an error."""
+
+    id: int
+
+
+@dataclass(frozen=True, slots=True)
+class GroupRef:
+    """Selects every task of a group (possibly none)."""
+
+    group: str
+
+
+@dataclass(frozen=True, slots=True)
+class LabelRef:
+    """Selects every task carrying all the given label pairs."""
+
+    labels: tuple[tuple[str, str], ...]
+
+
+Ref = IdRef | GroupRef | LabelRef
+
+#: Called after every committed change with the IDs removed and the tasks
+#: added (durability and wake-ups hang off this).
+ChangeListener = Callable[[list[int], list[StoredTask]], None]
+
+
+class Store:
+    """Tasks in groups; every public operation is atomic and all-or-nothing.
+
+    ``clock`` returns the current time in nanoseconds; it is read only when a
+    caller does not pass ``now`` and for default ``not_before`` values.
+    """
+
+    def __init__(self, clock: Callable[[], int], *, next_id: int = 1) -> None:
+        self._clock = clock
+        self._next_id = next_id
+        self._tasks: dict[int, StoredTask] = {}
+        self._groups: dict[str, SortedList] = {}
+        self._labels: dict[tuple[str, str], set[int]] = {}
+        self.listeners: list[ChangeListener] = []
+
+    # -- reading ---------------------------------------------------------
+
+    @property
+    def next_id(self) -> int:
+        """The ID the next created task will get."""
+        return self._next_id
+
+    def __len__(self) -> int:
+        return len(self._tasks)
+
+    def __contains__(self, task_id: object) -> bool:
+        return task_id in self._tasks
+
+    def get(self, task_id: int) -> StoredTask | None:
+        """The task with this ID, or None. O(1)."""
+        return self._tasks.get(task_id)
+
+    def group_size(self, group: str) -> int:
+        """How many tasks the group holds. O(1)."""
+        index = self._groups.get(group)
+        return len(index) if index is not None else 0
+
+    def visible_count(self, group: str, now: int) -> int:
+        """How many tasks of the group have ``not_before <= now``. O(log n)."""
+        index = self._groups.get(group)
+        if not index:
+            return 0
+        return int(index.bisect_left(key_of(now + 1, 0)))
+
+    def head(self, group: str) -> StoredTask | None:
+        """The task with the smallest ``(not_before, id)``, visible or not. O(log n)."""
+        index = self._groups.get(group)
+        if not index:
+            return None
+        return self._tasks[index[0] & _ID_MASK]
+
+    def task_at(self, group: str, position: int) -> StoredTask:
+        """The task at this position of the group's ``(not_before, id)`` order. O(log n)."""
+        return self._tasks[self._groups[group][position] & _ID_MASK]
+
+    def groups(self) -> Iterator[tuple[str, int]]:
+        """Every non-empty group with its size."""
+        for name, index in self._groups.items():
+            yield name, len(index)
+
+    def group_tasks(self, group: str, limit: int = 0) -> list[StoredTask]:
+        """A group's tasks in ``(not_before, id)`` order, at most ``limit`` (0: all)."""
+        index = self._groups.get(group)
+        if not index:
+            return []
+        keys = index if not limit else islice(index, limit)
+        tasks = self._tasks
+        return [tasks[k & _ID_MASK] for k in keys]
+
+    def all_tasks(self, limit: int = 0) -> list[StoredTask]:
+        """Every task in ID order, at most ``limit`` (0: all)."""
+        values = self._tasks.values()
+        return list(values if not limit else islice(values, limit))
+
+    # -- the operations ------------------------------------------------------
+
+    def update(
+        self, created: Iterable[TaskSpec], deleted: Iterable[Ref] = (), predicates: Iterable[int] = ()
+    ) -> list[int]:
+        """Check predicates, resolve deletions, then delete and create atomically.
+
+        Returns the new IDs in request order. Raises
+        :class:`PreconditionFailed` for a missing predicate (checked first),
+        :class:`NotFound` for a missing ID ref, :class:`BadRequest` for an
+        empty selector. Cost: O(log n) per task touched, plus the size of
+        any group or label set a ref selects.
+        """
+        tasks = self._tasks
+        for pred in predicates:
+            if pred not in tasks:
+                raise PreconditionFailed(f"predicate task {pred} does not exist")
+        doomed = self._resolve(deleted)
+        created = list(created)
+        self._check_ids(len(created))
+        return self._commit(doomed, created)
+
+    def bulk_set(
+        self,
+        refs: Iterable[Ref],
+        *,
+        group: str | None = None,
+        not_before: int | None = None,
+        body_patch: Callable[[bytes], bytes] | None = None,
+        labels: tuple[tuple[str, str], ...] | None = None,
+    ) -> int:
+        """Replace every selected task by a copy with the given fields overwritten.
+
+        ``body_patch`` rewrites the serialized body (data, labels, error) and
+        ``labels`` is then the copy's label pairs; None keeps the old ones.
+        Returns how many tasks were rewritten. Cost as :meth:`update`.
+        """
+        doomed = self._resolve(refs)
+        self._check_ids(len(doomed))
+        specs = []
+        for task_id in doomed:
+            old = self._tasks[task_id]
+            specs.append(
+                TaskSpec(
+                    group=old.group if group is None else group,
+                    not_before=old.not_before if not_before is None else not_before,
+                    body=old.body if body_patch is None else body_patch(old.body),
+                    labels=old.labels if labels is None else (labels or None),
+                )
+            )
+        self._commit(doomed, specs)
+        return len(doomed)
+
+    def query(self, group: str, now: int, own_for: int = 0, max_tasks: int = 1) -> list[StoredTask]:
+        """Up to ``max_tasks`` visible tasks from the head of the group.
+
+        With ``own_for > 0`` each is atomically replaced by a copy with a new
+        ID and ``not_before = now + own_for``, and the copies are returned.
+        An empty list means nothing is visible. Cost: O(log n) per task
+        returned.
+        """
+        index = self._groups.get(group)
+        if not index:
+            return []
+        limit = key_of(now + 1, 0)
+        keys = []
+        for key in islice(index, max(max_tasks, 1)):
+            if key >= limit:
+                break
+            keys.append(key)
+        if not keys:
+            return []
+        tasks = self._tasks
+        if own_for <= 0:
+            return [tasks[k & _ID_MASK] for k in keys]
+        self._check_ids(len(keys))
+        until = now + own_for
+        doomed = [k & _ID_MASK for k in keys]
+        specs = [TaskSpec(group, until, tasks[i].body, tasks[i].labels) for i in doomed]
+        new_ids = self._commit(doomed, specs)
+        return [tasks[i] for i in new_ids]
+
+    def restore(self, task: StoredTask) -> None:
+        """Insert a task with its own ID (recovery); IDs must come in increasing order."""
+        if task.id < self._next_id or task.id > MAX_ID:
+            raise BadRequest(f"restored task {task.id} is not above the ID counter {self._next_id}")
+        self._insert(task)
+        self._next_id = task.id + 1
+
+    def restore_removal(self, task_id: int) -> None:
+        """Remove a task (recovery); missing IDs are an error."""
+        if task_id not in self._tasks:
+            raise NotFound(f"task {task_id} does not exist")
+        self._remove(task_id)
+
+    def set_next_id(self, next_id: int) -> None:
+        """Raise the ID counter (recovery), never lower it."""
+        self._next_id = max(self._next_id, next_id)
+
+    # -- helpers: the only code that touches the indices ------------------
+
+    def _resolve(self, refs: Iterable[Ref]) -> list[int]:
+        """The distinct IDs the refs select, in first-selected order. Mutates nothing."""
+        tasks = self._tasks
+        selected: dict[int, None] = {}
+        for ref in refs:
+            if type(ref) is IdRef:
+                if ref.id not in tasks:
+                    raise NotFound(f"task {ref.id} does not exist")
+                selected[ref.id] = None
+            elif type(ref) is GroupRef:
+                index = self._groups.get(ref.group)
+                if index:
+                    selected.update(dict.fromkeys(k & _ID_MASK for k in index))
+            elif type(ref) is LabelRef:
+                if not ref.labels:
+                    raise BadRequest("empty label selector: use a group ref to select a whole group")
+                sets = sorted((self._labels.get(pair, set()) for pair in ref.labels), key=len)
+                matches = set(sets[0]).intersection(*sets[1:])
+                selected.update(dict.fromkeys(sorted(matches)))
+            else:
+                raise BadRequest("task ref has no selector set (id, selector or group)")
+        return list(selected)
+
+    def _check_ids(self, count: int) -> None:
+        if self._next_id + count - 1 > MAX_ID:
+            raise BadRequest("task ID space exhausted")
+
+    def _commit(self, doomed: list[int], created: list[TaskSpec]) -> list[int]:
+        """Remove then create, after every check passed: this cannot fail."""
+        removed = doomed
+        for task_id in doomed:
+            self._remove(task_id)
+        now: int | None = None
+        new_tasks = []
+        new_ids = []
+        for spec in created:
+            not_before = spec.not_before
+            if not_before is None:
+                if now is None:
+                    now = self._clock()
+                not_before = now
+            task = StoredTask(self._next_id, spec.group, not_before, spec.body, spec.labels)
+            self._next_id += 1
+            self._insert(task)
+            new_tasks.append(task)
+            new_ids.append(task.id)
+        for listener in self.listeners:
+            listener(removed, new_tasks)
+        return new_ids
+
+    def _insert(self, task: StoredTask) -> None:
+        self._tasks[task.id] = task
+        index = self._groups.get(task.group)
+        if index is None:
+            index = self._groups[task.group] = SortedList()
+        index.add(key_of(task.not_before, task.id))
+        if task.labels:
+            for pair in task.labels:
+                ids = self._labels.get(pair)
+                if ids is None:
+                    self._labels[pair] = {task.id}
+                else:
+                    ids.add(task.id)
+
+    def _remove(self, task_id: int) -> None:
+        task = self._tasks.pop(task_id)
+        index = self._groups[task.group]
+        index.remove(key_of(task.not_before, task_id))
+        if not index:
+            del self._groups[task.group]
+        if task.labels:
+            for pair in task.labels:
+                ids = self._labels[pair]
+                ids.discard(task_id)
+                if not ids:
+                    del self._labels[pair]
+
+    # -- invariants ----------------------------------------------------------
+
+    def _check(self) -> None:
+        """Assert every invariant; the tests call this after every operation."""
+        seen = 0
+        for group, index in self._groups.items():
+            assert index, f"empty index kept for group {group!r}"
+            index._check()
+            for key in index:
+                task = self._tasks[key & _ID_MASK]
+                assert task.group == group, (task, group)
+                assert key == key_of(task.not_before, task.id), (task, key)
+            seen += len(index)
+        assert seen == len(self._tasks), (seen, len(self._tasks))
+        previous = 0
+        expected: dict[tuple[str, str], set[int]] = {}
+        for task_id, task in self._tasks.items():
+            assert task.id == task_id and previous < task_id < self._next_id, (task, previous, self._next_id)
+            previous = task_id
+            for pair in task.labels or ():
+                expected.setdefault(pair, set()).add(task_id)
+        assert expected == self._labels, "label index out of sync"
+
+
+def labels_tuple(labels: Mapping[str, str]) -> tuple[tuple[str, str], ...] | None:
+    """Label pairs in a canonical (sorted) form, or None for no labels."""
+    return tuple(sorted(labels.items())) if labels else None

@@ -1,0 +1,186 @@
+"""Waiting Queries: per-group FIFO queues, woken as tasks become visible.
+
+A waiting Query registers a :class:`_Waiter` in its group's queue and
+sleeps on a future. :meth:`Waiters.dispatch` wakes waiters from the front,
+only as many as there are visible tasks not already promised to a woken
+waiter (``pending``), so one created task wakes one waiter, not all of
+them. A woken waiter takes its task itself, in the step it resumes in: if
+its caller went away (the RPC was cancelled) it never resumes, and the task
+stays for the next waiter. A waiter that finds nothing (someone else took
+the task first) goes back to the front of the queue.
+
+Tasks that are not visible yet are covered by one timer per group, set for
+the moment the front waiter would see the next task.
+
+Each waiter sees time as the server clock plus the offset its request's
+``now`` had when it arrived, so a client with a fake clock keeps its own
+timeline while it waits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Callable
+from typing import TypeVar
+
+from masstasker.server.store import Store, StoredTask
+
+__all__ = ["ShuttingDown", "Waiters"]
+
+T = TypeVar("T")
+
+# Rebuild a queue once this many departed waiters (cancelled, timed out) sit in it.
+_COMPACT_AFTER = 64
+
+
+class ShuttingDown(Exception):
+    """The server is stopping; the waiter was released without a task."""
+
+
+class _Waiter:
+    __slots__ = ("future", "offset")
+
+    def __init__(self, future: asyncio.Future[bool], offset: int) -> None:
+        self.future = future
+        self.offset = offset
+
+
+class _Group:
+    __slots__ = ("dead", "pending", "queue", "timer", "timer_at")
+
+    def __init__(self) -> None:
+        self.queue: deque[_Waiter] = deque()
+        self.pending = 0  # woken waiters that have not resumed yet
+        self.dead = 0  # departed waiters still in the queue
+        self.timer: asyncio.TimerHandle | None = None
+        self.timer_at = 0
+
+
+class Waiters:
+    """Every waiting Query of one server. Use from the server's event loop only."""
+
+    def __init__(self, store: Store, clock: Callable[[], int]) -> None:
+        self._store = store
+        self._clock = clock
+        self._groups: dict[str, _Group] = {}
+        self._closed = False
+        self.count = 0  # waiting calls, for metrics and limits
+        store.listeners.append(self._on_change)
+
+    def __len__(self) -> int:
+        return self.count
+
+    async def wait(self, group: str, offset: int, take: Callable[[int], T | None], timeout: float | None) -> T:
+        """Wait until ``take(now)`` returns a result; ``now`` is the server clock plus ``offset``.
+
+        Raises TimeoutError after ``timeout`` seconds (None: never) and
+        :class:`ShuttingDown` when the server releases its waiters.
+        """
+        if self._closed:
+            raise ShuttingDown
+        state = self._groups.get(group)
+        if state is None:
+            state = self._groups[group] = _Group()
+        loop = asyncio.get_running_loop()
+        waiter = _Waiter(loop.create_future(), offset)
+        state.queue.append(waiter)
+        self.count += 1
+        try:
+            async with asyncio.timeout(timeout):
+                self.dispatch(group)
+                while True:
+                    try:
+                        woken = await waiter.future
+                    finally:
+                        if waiter.future.done() and not waiter.future.cancelled():
+                            state.pending -= 1
+                    if not woken:
+                        raise ShuttingDown
+                    result = take(self._clock() + offset)
+                    if result:
+                        return result
+                    # Someone else was faster: keep our place at the front.
+                    waiter.future = loop.create_future()
+                    state.queue.appendleft(waiter)
+                    self.dispatch(group)
+        finally:
+            self.count -= 1
+            if not waiter.future.done():
+                waiter.future.cancel()
+            if waiter.future.cancelled():  # still queued: dispatch will drop it
+                state.dead += 1
+                if state.dead > _COMPACT_AFTER and state.dead * 2 > len(state.queue):
+                    state.queue = deque(w for w in state.queue if not w.future.done())
+                    state.dead = 0
+            # Whatever we leave visible (a peeked task, a wake-up we could not
+            # use) goes to the next in line.
+            self.dispatch(group)
+
+    def dispatch(self, group: str) -> None:
+        """Wake as many waiters of the group as there are unclaimed visible tasks. O(log n) + O(woken)."""
+        state = self._groups.get(group)
+        if state is None:
+            return
+        queue = state.queue
+        store = self._store
+        now = self._clock()
+        while queue:
+            waiter = queue[0]
+            if waiter.future.done():  # departed
+                queue.popleft()
+                state.dead -= 1
+                continue
+            if store.visible_count(group, now + waiter.offset) <= state.pending:
+                break
+            queue.popleft()
+            state.pending += 1
+            waiter.future.set_result(True)
+        if queue:
+            self._arm_timer(group, state, now, queue[0].offset)
+        elif not state.pending:
+            if state.timer is not None:
+                state.timer.cancel()
+            del self._groups[group]
+
+    def release_all(self) -> None:
+        """Wake every waiter with no task (shutdown); new waits are refused."""
+        self._closed = True
+        for state in self._groups.values():
+            if state.timer is not None:
+                state.timer.cancel()
+                state.timer = None
+            for waiter in state.queue:
+                if not waiter.future.done():
+                    waiter.future.set_result(False)
+            state.queue.clear()
+            state.dead = 0
+
+    def _arm_timer(self, group: str, state: _Group, now: int, offset: int) -> None:
+        """Make sure dispatch runs when the front waiter would see the next hidden task."""
+        store = self._store
+        visible = store.visible_count(group, now + offset)
+        if visible >= store.group_size(group):
+            return  # nothing hidden: only a create or a resuming waiter can help
+        hidden = store.task_at(group, visible)
+        due = hidden.not_before - offset  # on the server clock
+        if state.timer is not None:
+            if state.timer_at <= due:
+                return
+            state.timer.cancel()
+        state.timer_at = due
+        state.timer = asyncio.get_running_loop().call_later(max(due - now, 0) / 1e9, self._on_timer, group)
+
+    def _on_timer(self, group: str) -> None:
+        state = self._groups.get(group)
+        if state is not None:
+            state.timer = None
+            self.dispatch(group)
+
+    def _on_change(self, removed: list[int], created: list[StoredTask]) -> None:
+        groups = self._groups
+        if not groups:
+            return
+        touched = {task.group for task in created if task.group in groups}
+        for group in touched:
+            self.dispatch(group)
