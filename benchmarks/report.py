@@ -106,7 +106,7 @@ def _notes(row: Row) -> str:
         )
     if "woken" in e:
         notes.append(
-            f"{e['woken']}/{e['created']} woken, {e['still_waiting']:.0f} still waiting, "
+            f"{e['waiting']:.0f} waiting; {e['woken']}/{e['created']} woken, {e['still_waiting']:.0f} still waiting, "
             f"threads {e['threads_before']}->{e['threads_waiting']}, RSS peak {e['rss_peak_mib']:.0f} MiB, "
             f"registered in {e['register_s']:.1f} s"
         )

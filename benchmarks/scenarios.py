@@ -31,6 +31,8 @@ __all__ = ["SCENARIOS", "Context", "Row", "Sizes"]
 _DISPATCH_SLACK = 0.3  # seconds between sending jobs and the callers' start
 _FILL_BATCH = 1000
 _SETUP_TIMEOUT = 120.0  # wall-clock cap on any one setup step (filling, waiting for waiters)
+_WAITER_RAMP = 1000.0  # new waiting Queries per second, all load processes together
+_PLATEAU = 3.0  # seconds without a new waiting Query after the ramp: the rest are not coming
 
 
 @dataclass(frozen=True)
@@ -431,6 +433,7 @@ def waiters(ctx: Context) -> list[Row]:
                 "group": "wait",
                 "concurrency": count // holders + (1 if i < count % holders else 0),
                 "channels": 4,
+                "ramp_per_s": _WAITER_RAMP / holders,
                 "t_end": cap,
             }
             for i in range(holders)
@@ -438,14 +441,17 @@ def waiters(ctx: Context) -> list[Row]:
         began = time.perf_counter()
         slots = pool.submit(jobs)
         try:
-            seen = 0.0
+            seen, last_change = 0.0, began
+            ramp_done = began + count / _WAITER_RAMP
             while seen < count and time.perf_counter() - began < _SETUP_TIMEOUT:
                 time.sleep(0.1)
-                seen = _waiting(server.metrics_url)
+                now, previous, seen = time.perf_counter(), seen, _waiting(server.metrics_url)
+                if seen != previous:
+                    last_change = now
+                elif now > ramp_done and now - last_change > _PLATEAU:
+                    break  # some Queries failed instead of waiting: carry on, they show as errors
             registered_s = time.perf_counter() - began
-            if seen < count:
-                raise RuntimeError(f"only {seen:.0f} of {count} Queries were waiting after {_SETUP_TIMEOUT} s")
-            ctx.log(f"  {count} Queries waiting after {registered_s:.1f} s")
+            ctx.log(f"  {seen:.0f} of {count} Queries waiting after {registered_s:.1f} s")
             rss_waiting, threads_waiting = server.rss_bytes(), server.threads()
             side = ctx.measure(server, "lease", 16, profile="waiters-side", first=holders, group="side")
             rss_peak = max(rss_waiting, server.rss_bytes())
@@ -476,13 +482,13 @@ def waiters(ctx: Context) -> list[Row]:
             errors[code] = errors.get(code, 0) + n
     side_row = Row("waiters-other-rpcs", "real", 16)
     _fill_row(side_row, [side])
-    side_row.extra.update(waiting=count, note=f"lease cycles on another group while {count} Queries wait")
+    side_row.extra.update(waiting=seen, note=f"lease cycles on another group while {seen:.0f} Queries wait")
     wake_row = Row("waiters-wakeup", "real", count, errors=errors)
     wake_row.ops_s = wake_row.tasks_s = len(wakeups) / max(sum(create_lat), 1e-9)
     wake_row.p50_ms = percentile(wakeups, 50) * 1e3
     wake_row.p99_ms = percentile(wakeups, 99) * 1e3
     wake_row.extra.update(
-        waiting=count,
+        waiting=seen,
         created=created["ops"],
         woken=len(wakeups),
         still_waiting=still_waiting,
