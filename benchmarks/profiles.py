@@ -1,5 +1,10 @@
 """Summaries of py-spy's raw (collapsed-stack) profiles: where the server's time goes.
 
+gRPC's own work is mostly Cython and C, which py-spy (without ``--native``)
+does not name: it shows as *self* time of the Python frame that called it,
+typically ``Handle._run`` (event-loop callbacks into grpc.aio) and
+``Thread.run`` (gRPC's poller thread).
+
 Each line of a raw profile is ``frame;frame;...;leaf COUNT`` with frames
 like ``function (file.py:LINE)``. We report, per function (line numbers
 dropped), its *self* share (samples where it is the leaf) and its
@@ -15,6 +20,8 @@ from pathlib import Path
 __all__ = ["summarize"]
 
 _FRAME = re.compile(r"^(?P<func>.*?) \((?P<file>[^()]*?)(?::\d+)?\)$")
+# Frames every sample passes through (the event loop, the entry point): left out of the inclusive list.
+_PLUMBING = ("asyncio/base_events.py", "asyncio/runners.py", "<frozen runpy>", "server/__main__.py", "threading.py")
 
 
 def _name(frame: str) -> str:
@@ -50,7 +57,8 @@ def summarize(path: Path, top: int = 12) -> str:
     lines = [f"{path.name}: {samples} samples", "  self%  total%  function"]
     for name, n in self_time.most_common(top):
         lines.append(f"  {100 * n / samples:5.1f}  {100 * total_time[name] / samples:6.1f}  {name}")
-    lines.append("  heaviest by total (inclusive):")
-    for name, n in total_time.most_common(top):
+    lines.append("  heaviest by total (inclusive), event-loop plumbing left out:")
+    heavy = [(name, n) for name, n in total_time.most_common() if not any(p in name for p in _PLUMBING)]
+    for name, n in heavy[:top]:
         lines.append(f"  {100 * self_time[name] / samples:5.1f}  {100 * n / samples:6.1f}  {name}")
     return "\n".join(lines)
