@@ -11,7 +11,7 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from importlib.metadata import entry_points
 
 import grpc
@@ -22,6 +22,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from masstasker import __version__
 from masstasker._pb import masstasker_pb2 as pb
 from masstasker._pb import masstasker_pb2_grpc as pb_grpc
+from masstasker.server import BackgroundServer
 from masstasker.server.__main__ import main
 from masstasker.server.config import Settings, parse_address, parse_args
 
@@ -228,3 +229,16 @@ def test_port_in_use_is_a_clear_error(spawn: type[ServerProcess]) -> None:
 def test_console_script_runs_main() -> None:
     [script] = [ep for ep in entry_points(group="console_scripts") if ep.name == "masstasker-server"]
     assert script.load() is main
+
+
+def test_health_turns_not_serving_on_shutdown(make_server: Callable[..., BackgroundServer]) -> None:
+    server = make_server()
+    with grpc.insecure_channel(server.target) as channel:
+        watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(), timeout=30)
+        assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+        stopper = threading.Thread(target=server.stop, args=(5.0,))
+        stopper.start()
+        try:
+            assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING
+        finally:
+            stopper.join(30)
