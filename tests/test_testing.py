@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import subprocess
 import sys
-import textwrap
 import threading
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -18,21 +18,15 @@ from masstasker._pb import masstasker_pb2 as pb
 from masstasker.testing import FakeClock, run_server_process
 
 T0 = datetime(2030, 1, 2, 3, 4, 5, tzinfo=UTC)
-README_EXAMPLE = """
-from masstasker import Client, Delete, new_task, pb, unpack_data
+README = Path(__file__).resolve().parent.parent / "README.md"
 
 
-def square_worker(client: Client) -> int:  # the code under test: one step of a worker
-    task = client.query("numbers", own_for=30)
-    client.do(Delete(task))
-    return int(unpack_data(task, pb.Test).foo) ** 2
-
-
-def test_square_worker(masstasker_client):  # a fresh server and a client: no conftest needed
-    masstasker_client.create(new_task("numbers", pb.Test(foo="7")))
-    assert square_worker(masstasker_client) == 49
-    assert masstasker_client.query_many("numbers", 10, wait=False) == []
-"""
+def readme_examples() -> list[str]:
+    """The Python code blocks of the README's client section, so the documentation cannot rot."""
+    text = README.read_text()
+    section = text[text.index("## The Python client") :]
+    section = section[: section.index("\n## ", 1)]
+    return re.findall(r"```python\n(.*?)```", section, flags=re.DOTALL)
 
 
 # -- FakeClock -------------------------------------------------------------------------------------------------
@@ -173,8 +167,9 @@ def test_a_server_process_that_cannot_start_fails_fast() -> None:
 
 
 def test_the_plugin_is_registered_for_any_project(tmp_path: Path) -> None:
-    """The README's example, in a project with no conftest, gets the fixtures from the entry point."""
-    (tmp_path / "test_worker.py").write_text(textwrap.dedent(README_EXAMPLE))
+    """The README's example test, in a project with no conftest, gets the fixtures from the entry point."""
+    (example,) = (block for block in readme_examples() if "def test_" in block)
+    (tmp_path / "test_worker.py").write_text(example)
     finished = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-W", "error", str(tmp_path)],
         cwd=tmp_path,
@@ -184,3 +179,16 @@ def test_the_plugin_is_registered_for_any_project(tmp_path: Path) -> None:
     )
     assert finished.returncode == 0, finished.stdout + finished.stderr
     assert "1 passed" in finished.stdout
+
+
+def test_the_readme_worker_loop_does_what_it_says(masstasker_client: Client, masstasker_server: Any) -> None:
+    (example,) = (block for block in readme_examples() if "while True:" in block)
+    # The same code, against this test's server, for as many rounds as there are tasks.
+    example = example.replace("127.0.0.1:50053", masstasker_server.target).replace("while True:", "for _ in range(2):")
+    masstasker_client.create(new_task("work", pb.Test(foo="42")), new_task("work", pb.Test(foo="forty-two")))
+    exec(compile(example, "README.md", "exec"), {})
+    done = masstasker_client.rpc.Debug(pb.DebugRequest(group="done")).tasks
+    assert [unpack_data(t, pb.Test).foo for t in done] == ["1764"]
+    errors = masstasker_client.rpc.Debug(pb.DebugRequest(group="errors")).tasks
+    assert [t.error for t in errors] == ["invalid literal for int() with base 10: 'forty-two'"]
+    assert masstasker_client.query_many("work", 10, wait=False) == []
