@@ -381,6 +381,14 @@ def test_an_unreachable_server_is_unavailable(connect: Connect) -> None:
     assert isinstance(raised.value, ConnectionError) and isinstance(raised.value, MassTaskerError)
 
 
+def test_wait_for_ready_waits_for_a_server_instead_of_failing(connect: Connect) -> None:
+    with run_server() as server:
+        target = server.target
+    client = connect(target=target, wait_for_ready=True)
+    with pytest.raises(DeadlineExceeded):  # it waited (for nothing), up to the call's timeout
+        client.do(Create(new_task("g")), timeout=0.2)
+
+
 # -- against a server that behaves like Go's -------------------------------------------------------------------
 
 
