@@ -225,7 +225,8 @@ def run_server_process(*args: str, timeout: float = START_TIMEOUT) -> Iterator[S
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
-        text=True,
+        encoding="utf-8",
+        errors="replace",  # a log line is for reading; never fail on its bytes
         env=env,
     )
     log: list[str] = []
@@ -334,10 +335,6 @@ def masstasker_async_client(masstasker_async_client_factory: Callable[..., Async
 
 
 def _close_async(client: AsyncClient) -> None:
-    """Close an async client from synchronous teardown, whatever became of the loop it was used in."""
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        asyncio.run(client.close())
-    else:  # teardown inside a running loop (unusual): closing would need it; let the channel be collected
-        pass
+    """Close an async client from synchronous teardown. The loop its channel was made in is usually gone by
+    now (``asyncio.run`` closed it); grpc.aio lets a fresh loop close the channel and free its resources."""
+    asyncio.run(client.close())
