@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from crash_harness import CrashRounds
 
-CI_ROUNDS = 5
+CI_ROUNDS = 8
 
 
 @pytest.mark.parametrize(

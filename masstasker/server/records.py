@@ -149,6 +149,14 @@ def _decode_tasks(data: bytes, pos: int, count: int) -> tuple[list[StoredTask], 
     return tasks, pos
 
 
+def _check_end(what: str, pos: int, size: int) -> None:
+    # Slicing past the end does not fail in Python: a short field shows up here.
+    if pos > size:
+        raise BadFrame(f"malformed {what}: {pos - size} bytes missing")
+    if pos < size:
+        raise BadFrame(f"{what} has {size - pos} stray bytes")
+
+
 def decode_tasks(data: bytes) -> list[StoredTask]:
     """The tasks of a chunk made by :func:`encode_tasks`."""
     try:
@@ -156,8 +164,7 @@ def decode_tasks(data: bytes) -> list[StoredTask]:
         tasks, pos = _decode_tasks(data, 4, count)
     except (struct.error, UnicodeDecodeError) as exc:
         raise BadFrame(f"malformed task chunk: {exc}") from None
-    if pos != len(data):
-        raise BadFrame(f"task chunk has {len(data) - pos} stray bytes")
+    _check_end("task chunk", pos, len(data))
     return tasks
 
 
@@ -171,8 +178,7 @@ def decode_change(payload: bytes) -> tuple[int, tuple[int, ...], list[StoredTask
         created, pos = _decode_tasks(payload, pos, n_created)
     except (struct.error, UnicodeDecodeError) as exc:
         raise BadFrame(f"malformed change record: {exc}") from None
-    if pos != len(payload):
-        raise BadFrame(f"change record has {len(payload) - pos} stray bytes")
+    _check_end("change record", pos, len(payload))
     return seq, removed, created
 
 
