@@ -48,22 +48,13 @@ _RPC_TIMEOUT = 10.0
 
 
 class ServerProcess:
-    """``python -m masstasker.server`` on a free loopback port, with a data directory."""
+    """``python -m masstasker.server`` on a free loopback port, with a data directory (None: memory only)."""
 
-    def __init__(self, data_dir: Path, log_path: Path, *extra: str) -> None:
+    def __init__(self, data_dir: Path | None, log_path: Path, *extra: str) -> None:
         env = dict(os.environ, PYTHONPATH=str(REPO))
-        cmd = [
-            sys.executable,
-            "-m",
-            "masstasker.server",
-            "--port",
-            "0",
-            "--listen-http",
-            "",
-            "--data-dir",
-            str(data_dir),
-            *extra,
-        ]
+        cmd = [sys.executable, "-m", "masstasker.server", "--port", "0", "--listen-http", "", *extra]
+        if data_dir is not None:
+            cmd += ["--data-dir", str(data_dir)]
         self.log_path = log_path
         with open(log_path, "ab") as log:
             offset = log.tell()

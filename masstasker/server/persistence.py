@@ -39,7 +39,7 @@ from typing import Any, TypeVar
 from masstasker.server.config import DEFAULT_SNAPSHOT_MIN_LOG_BYTES
 from masstasker.server.records import BadFrame, CorruptFile, FrameReader, PersistenceError, decode_change, encode_change
 from masstasker.server.snapshot import list_snapshots, load_snapshot, write_snapshot
-from masstasker.server.store import Store, StoredTask, StoreError
+from masstasker.server.store import MAX_ID, BadRequest, NotFound, Store, StoredTask, StoreError
 from masstasker.server.wal import (
     SEGMENT_HEADER_SIZE,
     DurabilityLost,
@@ -101,14 +101,44 @@ class SnapshotStats:
     write_seconds: float  # in a thread
 
 
-def _apply(store: Store, removed: tuple[int, ...], created: list[StoredTask]) -> None:
-    for task_id in removed:
-        store.restore_removal(task_id)
-    for task in created:
-        store.restore(task)
+class _Replay:
+    """The net effect of log records on a store, applied in one go at the end.
+
+    Most tasks a busy log creates are deleted again further on (every lease
+    is a delete and a create); keeping only the survivors and inserting them
+    with one sort per group makes replay several times faster than applying
+    each record, with the same checks: every removed ID exists at that
+    point, created IDs only grow.
+    """
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.created: dict[int, StoredTask] = {}  # by ID, in ID order
+        self.removed: set[int] = set()  # tasks of the store (the snapshot) that are gone
+        self.next_id = store.next_id
+
+    def apply(self, removed: tuple[int, ...], created: list[StoredTask]) -> None:
+        """Account for one record; StoreError if it cannot apply to the state so far."""
+        for task_id in removed:
+            if self.created.pop(task_id, None) is None:
+                if task_id in self.removed or task_id not in self.store:
+                    raise NotFound(f"task {task_id} does not exist")
+                self.removed.add(task_id)
+        for task in created:
+            if not self.next_id <= task.id <= MAX_ID:
+                raise BadRequest(f"task {task.id} is not above the ID counter {self.next_id}")
+            self.next_id = task.id + 1
+            self.created[task.id] = task
+
+    def finish(self) -> None:
+        """Apply everything to the store."""
+        for task_id in self.removed:
+            self.store.restore_removal(task_id)
+        self.store.restore_all(self.created.values())
+        self.store.set_next_id(self.next_id)
 
 
-def _replay_segment(path: Path, base: int, seq: int, store: Store, *, last: bool) -> tuple[int, int, int]:
+def _replay_segment(path: Path, base: int, seq: int, replay: _Replay, *, last: bool) -> tuple[int, int, int]:
     """Apply the segment's records after ``seq``; return ``(new seq, records applied, bytes)``."""
     name = str(path)
     with open(path, "rb") as file:
@@ -137,7 +167,7 @@ def _replay_segment(path: Path, base: int, seq: int, store: Store, *, last: bool
             if record_seq <= seq:
                 continue  # already in the snapshot
             try:
-                _apply(store, removed, created)
+                replay.apply(removed, created)
             except StoreError as exc:
                 raise CorruptFile(name, offset, f"record {record_seq} does not apply to the state: {exc}") from None
             seq = record_seq
@@ -177,6 +207,7 @@ def recover(directory: Path, store: Store) -> Recovered:
             raise CorruptFile(str(path), 0, f"the header says record {seq}, the file name {snapshot_seq}")
     segments = list_segments(directory)
     records = log_bytes = 0
+    replay = _Replay(store)
     for i, (base, path) in enumerate(segments):
         last = i == len(segments) - 1
         if not last and segments[i + 1][0] <= seq:
@@ -186,9 +217,10 @@ def recover(directory: Path, store: Store) -> Recovered:
                 f"{path}: the log resumes after record {base} but the state recovered so far ends at record {seq}: "
                 "a log segment or snapshot is missing"
             )
-        seq, applied, size = _replay_segment(path, base, seq, store, last=last)
+        seq, applied, size = _replay_segment(path, base, seq, replay, last=last)
         records += applied
         log_bytes += size
+    replay.finish()
     return Recovered(seq, snapshot_seq, snapshot_bytes, records, log_bytes)
 
 
@@ -229,6 +261,7 @@ class Persistence:
             recovered.snapshot_bytes / len(store) if recovered.snapshot_bytes and len(store) else _DEFAULT_TASK_BYTES
         )
         self._check_at = 0  # look at the snapshot threshold once the log reaches this size
+        self._segment_base = recovered.seq  # the base of the segment being written
         self._snapshot_task: asyncio.Task[SnapshotStats | None] | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="masstasker-snapshot")
         self._closed = False
@@ -340,12 +373,15 @@ class Persistence:
             started = time.perf_counter()
             tasks = store.all_tasks()
             seq, next_id = wal.seq, store.next_id
-            rotated = wal.rotate(seq)
+            # A segment with no record yet needs no successor (and must not be recreated under its own name).
+            rotated = wal.rotate(seq) if seq != self._segment_base else None
+            self._segment_base = seq
             log_bytes, self._log_bytes, self._check_at = self._log_bytes, 0, 0
             captured = time.perf_counter()
             try:
                 size = await loop.run_in_executor(self._executor, write_snapshot, self.directory, seq, next_id, tasks)
-                await rotated
+                if rotated is not None:
+                    await rotated
             except (OSError, DurabilityLost) as exc:
                 self._log_bytes += log_bytes
                 log.error("snapshot at record %d failed, keeping the log instead: %s", seq, exc)

@@ -124,10 +124,15 @@ def _decode_tasks(data: bytes, pos: int, count: int) -> tuple[list[StoredTask], 
     task_size = _TASK.size
     tasks: list[StoredTask] = []
     append = tasks.append
+    # Tasks share a few group names: one str per name, not per task (50 bytes each).
+    groups: dict[bytes, str] = {}
     for _ in range(count):
         task_id, seconds, nanos, group_len, body_len, label_count = unpack_task(data, pos)
         pos += task_size
-        group = data[pos : pos + group_len].decode()
+        raw = data[pos : pos + group_len]
+        group = groups.get(raw)
+        if group is None:
+            group = groups[raw] = raw.decode()
         pos += group_len
         body = data[pos : pos + body_len]
         pos += body_len

@@ -13,7 +13,7 @@ import os
 import re
 import struct
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from masstasker.server.records import (
@@ -94,15 +94,18 @@ def load_snapshot(path: Path, store: Store) -> tuple[int, int]:
         if header is None or len(header[1]) != _HEADER.size:
             raise CorruptFile(name, len(SNAPSHOT_MAGIC), "missing or malformed snapshot header")
         seq, next_id, count = _HEADER.unpack(header[1])
-        restore = store.restore
-        for offset, payload in frames:
-            try:
-                for task in decode_tasks(payload):
-                    restore(task)
-            except (BadFrame, BadRequest) as exc:
-                raise CorruptFile(name, offset, str(exc)) from None
-            if len(store) > count:
-                raise CorruptFile(name, offset, f"more tasks than the {count} the header announces")
+        offset = header[0]
+
+        def tasks() -> Iterator[StoredTask]:
+            nonlocal offset
+            for frame_offset, payload in frames:
+                offset = frame_offset  # for the error message
+                yield from decode_tasks(payload)
+
+        try:
+            store.restore_all(tasks())
+        except (BadFrame, BadRequest) as exc:
+            raise CorruptFile(name, offset, str(exc)) from None
         if len(store) != count:
             raise CorruptFile(name, size, f"{len(store)} tasks where the header announces {count}")
         store.set_next_id(next_id)
