@@ -217,8 +217,10 @@ def _memory_child(count: int) -> None:
     before = _peak_rss_mb()
     store = Store(time.time_ns)
     started = time.perf_counter()
+    base = 1_700_000_000 * 1_000_000_000
     for start in range(0, count, BATCH):
-        store.update([TaskSpec(GROUP, 1_700_000_000 * 1_000_000_000, b"")] * min(BATCH, count - start))
+        # A distinct not_before per task, as tasks created over time have (and as recovered ones do).
+        store.update([TaskSpec(GROUP, base + i, b"") for i in range(start, min(start + BATCH, count))])
     peak = _peak_rss_mb()
     print(
         f"  for comparison, {len(store):,} tasks created in memory only: {time.perf_counter() - started:.2f} s, "

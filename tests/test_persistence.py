@@ -19,6 +19,7 @@ from google.protobuf import any_pb2
 from masstasker._pb import masstasker_pb2 as pb
 from masstasker._pb import masstasker_pb2_grpc as pb_grpc
 from masstasker.server import BackgroundServer, Settings
+from masstasker.server import persistence as persistence_module
 from masstasker.server import wal as wal_module
 from masstasker.server.config import parse_args
 from masstasker.server.persistence import PersistenceError
@@ -403,3 +404,24 @@ def test_flags_and_environment() -> None:
     assert parse_args([], {}, "0").fsync == "always"
     with pytest.raises(SystemExit):
         parse_args(["--fsync", "sometimes"], {}, "0")
+
+
+def test_a_failed_snapshot_keeps_the_log(
+    durable: Callable[..., BackgroundServer], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def disk_full(*args: object) -> int:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(persistence_module, "write_snapshot", disk_full)
+    server = durable(snapshot_min_log_bytes=1)
+    channel, stub = _stub(server)
+    with channel, caplog.at_level(logging.ERROR, "masstasker.server.persistence"):
+        for i in range(20):  # the log grows, the state does not: snapshots are due
+            (task_id,) = stub.Update(pb.UpdateRequest(created=[pb.Task(group="g", data=_payload(str(i)))])).created_ids
+            if i % 2:
+                stub.Update(pb.UpdateRequest(deleted=[pb.TaskRef(id=task_id)]))
+    before = _state(server)
+    server.stop()
+    assert "failed, keeping the log instead: [Errno 28] No space left on device" in caplog.text
+    monkeypatch.undo()
+    assert _state(durable()) == before

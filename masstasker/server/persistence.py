@@ -384,6 +384,7 @@ class Persistence:
                     await rotated
             except (OSError, DurabilityLost) as exc:
                 self._log_bytes += log_bytes
+                self._check_at = self._log_bytes + self._min_log_bytes  # no retry on every change
                 log.error("snapshot at record %d failed, keeping the log instead: %s", seq, exc)
                 return None
             written = time.perf_counter()
