@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import os
 import random
 import resource
 import statistics
@@ -72,6 +73,12 @@ async def _lease_cycles(target: str, workers: int, seconds: float) -> int:
     return done
 
 
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process, all threads."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 async def _throughput(workers: int, seconds: float, repeats: int, tasks: int) -> None:
     with tempfile.TemporaryDirectory(prefix="mt-bench-") as tmp:
         root = Path(tmp)
@@ -84,6 +91,7 @@ async def _throughput(workers: int, seconds: float, repeats: int, tasks: int) ->
                 async with grpc.aio.insecure_channel(server.target) as channel:
                     await _fill(pb_grpc.MassTaskerStub(channel), tasks)
             rates: dict[str, list[float]] = {name: [] for name in servers}
+            cpu: dict[str, list[float]] = {name: [] for name in servers}
             order = list(servers)
             rng = random.Random(SEED)
             for server in servers.values():  # warm-up
@@ -91,11 +99,16 @@ async def _throughput(workers: int, seconds: float, repeats: int, tasks: int) ->
             for _ in range(repeats):
                 rng.shuffle(order)
                 for name in order:
+                    before = _cpu_seconds(servers[name].proc.pid)
                     cycles = await _lease_cycles(servers[name].target, workers, seconds)
                     rates[name].append(cycles / seconds)
+                    cpu[name].append((_cpu_seconds(servers[name].proc.pid) - before) / max(cycles, 1))
             for name, values in rates.items():
                 runs = [round(v) for v in values]
-                print(f"  {name:13s} median {statistics.median(values):8.0f} cycles/s  runs {runs}")
+                print(
+                    f"  {name:13s} median {statistics.median(values):8.0f} cycles/s, server CPU "
+                    f"{statistics.median(cpu[name]) * 1e6:.0f} us/cycle; runs {runs}"
+                )
             # Each repeat runs both back to back, so its ratio is the least disturbed by other load.
             pairs = [d / m for d, m in zip(rates["fsync=always"], rates["memory"], strict=True)]
             print(
@@ -244,8 +257,8 @@ def main() -> None:
     parser.add_argument("which", choices=["throughput", "snapshot", "recovery", "all", "_recover", "_memory"])
     parser.add_argument("arg", nargs="?")
     parser.add_argument("--workers", type=int, default=64)
-    parser.add_argument("--seconds", type=float, default=2.0)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--seconds", type=float, default=1.5)
+    parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--tasks", type=int, default=1_000_000, help="state size for snapshot and recovery")
     parser.add_argument("--cycles", type=int, default=200_000, help="lease cycles in the log for recovery")
     args = parser.parse_args()

@@ -196,7 +196,7 @@ def recover(directory: Path, store: Store) -> Recovered:
     never acknowledged. Any other damage raises :class:`CorruptFile` naming
     the file and the offset, and nothing is served from a partial load.
     """
-    for leftover in directory.glob("*.tmp"):  # a snapshot cut short: never became valid
+    for leftover in directory.glob("snap-*.snap.tmp"):  # a snapshot cut short: never became valid
         leftover.unlink()
     seq = snapshot_seq = snapshot_bytes = 0
     snapshots = list_snapshots(directory)

@@ -198,15 +198,12 @@ class LogWriter:
         if self._closed:
             return
         self._closed = True
-        while self._busy and self._failed is None:
-            future = self.wait()
-            if future is None:
-                await asyncio.sleep(0.001)  # only a batch fsync is left in flight
-            else:
-                await future
-        if self._sync_timer is not None:
+        while self._failed is None and (pending := self.wait()) is not None:
+            await pending
+        if self._sync_timer is not None:  # _finish syncs instead
             self._sync_timer.cancel()
         try:
+            # One thread, in order: this runs after any write still in flight.
             await self._loop.run_in_executor(self._executor, self._finish)
         finally:
             self._executor.shutdown(wait=True)
