@@ -25,6 +25,7 @@ from prometheus_client.exposition import start_http_server
 
 from masstasker.server.config import Settings, format_address, parse_address
 from masstasker.server.metrics import GroupStats, RpcMetrics, StoreCollector
+from masstasker.server.persistence import Persistence
 from masstasker.server.service import SERVICE_NAME, MassTaskerService
 from masstasker.server.store import Store, TaskSpec
 from masstasker.server.waiters import Waiters
@@ -56,6 +57,7 @@ class Server:
         self.port = port
         self.settings = settings
         self.http_port: int | None = None
+        self.persistence: Persistence | None = None
         self._grpc = grpc_server
         self._health = health_servicer
         self._http: Any = None
@@ -78,6 +80,8 @@ class Server:
         if self._http is not None:
             self._http.shutdown()
             self._http.server_close()
+        if self.persistence is not None:
+            await self.persistence.close()
 
     async def wait_for_termination(self) -> None:
         """Return when the gRPC server has stopped."""
@@ -97,9 +101,14 @@ async def start(settings: Settings, *, clock: Callable[[], int] = time.time_ns) 
     """Build, bind and start a server on the running loop; it is SERVING on return."""
     loop = asyncio.get_running_loop()
     store = Store(clock)
+    persistence = None
+    if settings.data_dir:
+        persistence = await Persistence.open(
+            settings.data_dir, store, fsync=settings.fsync, snapshot_min_log_bytes=settings.snapshot_min_log_bytes
+        )
     waiters = Waiters(store, clock)
     registry = CollectorRegistry(auto_describe=False)
-    service = MassTaskerService(store, waiters, settings, RpcMetrics(registry))
+    service = MassTaskerService(store, waiters, settings, RpcMetrics(registry), persistence=persistence)
 
     server = grpc.aio.server(
         options=[
@@ -121,13 +130,21 @@ async def start(settings: Settings, *, clock: Callable[[], int] = time.time_ns) 
     try:
         port = server.add_insecure_port(address)
     except RuntimeError as exc:
+        if persistence is not None:
+            await persistence.close()
         raise OSError(f"cannot listen on {address}: {exc}") from exc
 
-    if settings.bootstrap_task_group and not store.group_size(settings.bootstrap_task_group):
+    # With a data directory, only its very first start creates the bootstrap
+    # task: after a restart, an empty group means the job consumed it.
+    fresh = persistence is None or persistence.fresh
+    if settings.bootstrap_task_group and fresh and not store.group_size(settings.bootstrap_task_group):
         store.update([TaskSpec(settings.bootstrap_task_group, None)])
         log.info("created the bootstrap task in group %r", settings.bootstrap_task_group)
+    if persistence is not None:
+        await persistence.sync()
 
     running = Server(server, store, waiters, health_servicer, host, port, settings)
+    running.persistence = persistence
     await server.start()
     if settings.listen_http:
         http_host, http_port = parse_address(settings.listen_http)
@@ -136,6 +153,8 @@ async def start(settings: Settings, *, clock: Callable[[], int] = time.time_ns) 
             running._http, _ = start_http_server(http_port, http_host, registry)
         except OSError as exc:
             await server.stop(None)
+            if persistence is not None:
+                await persistence.close()
             raise OSError(f"cannot serve metrics on {settings.listen_http}: {exc}") from exc
         running.http_port = running._http.server_port
         log.info("metrics on http://%s/metrics", format_address(http_host, running.http_port))
