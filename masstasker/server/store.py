@@ -304,7 +304,6 @@ class Store:
         in a loop. On error the tasks before the bad one are in.
         """
         tasks_by_id = self._tasks
-        labels_index = self._labels
         keys: dict[str, list[int]] = {}
         next_id = self._next_id
         try:
@@ -319,12 +318,7 @@ class Store:
                     group_keys = keys[task.group] = []
                 group_keys.append(key_of(task.not_before, task_id))
                 if task.labels:
-                    for pair in task.labels:
-                        ids = labels_index.get(pair)
-                        if ids is None:
-                            labels_index[pair] = {task_id}
-                        else:
-                            ids.add(task_id)
+                    self._index_labels(task_id, task.labels)
         finally:
             self._next_id = next_id
             for group, new_keys in keys.items():
@@ -403,12 +397,16 @@ class Store:
             index = self._groups[task.group] = SortedList()
         index.add(key_of(task.not_before, task.id))
         if task.labels:
-            for pair in task.labels:
-                ids = self._labels.get(pair)
-                if ids is None:
-                    self._labels[pair] = {task.id}
-                else:
-                    ids.add(task.id)
+            self._index_labels(task.id, task.labels)
+
+    def _index_labels(self, task_id: int, labels: tuple[tuple[str, str], ...]) -> None:
+        label_index = self._labels
+        for pair in labels:
+            ids = label_index.get(pair)
+            if ids is None:
+                label_index[pair] = {task_id}
+            else:
+                ids.add(task_id)
 
     def _remove(self, task_id: int) -> None:
         task = self._tasks.pop(task_id)
