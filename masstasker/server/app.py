@@ -18,12 +18,14 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer  # what health.aio re-exports; typed this way
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import start_http_server
 
 from masstasker.server.config import Settings, format_address, parse_address
 from masstasker.server.metrics import GroupStats, RpcMetrics, StoreCollector
+from masstasker.server.persistence import Persistence
 from masstasker.server.service import SERVICE_NAME, MassTaskerService
 from masstasker.server.store import Store, TaskSpec
 from masstasker.server.waiters import Waiters
@@ -44,7 +46,7 @@ class Server:
         grpc_server: grpc.aio.Server,
         store: Store,
         waiters: Waiters,
-        health_servicer: health.aio.HealthServicer,
+        health_servicer: HealthServicer,
         host: str,
         port: int,
         settings: Settings,
@@ -55,6 +57,7 @@ class Server:
         self.port = port
         self.settings = settings
         self.http_port: int | None = None
+        self.persistence: Persistence | None = None
         self._grpc = grpc_server
         self._health = health_servicer
         self._http: Any = None
@@ -77,6 +80,8 @@ class Server:
         if self._http is not None:
             self._http.shutdown()
             self._http.server_close()
+        if self.persistence is not None:
+            await self.persistence.close()
 
     async def wait_for_termination(self) -> None:
         """Return when the gRPC server has stopped."""
@@ -96,9 +101,14 @@ async def start(settings: Settings, *, clock: Callable[[], int] = time.time_ns) 
     """Build, bind and start a server on the running loop; it is SERVING on return."""
     loop = asyncio.get_running_loop()
     store = Store(clock)
+    persistence = None
+    if settings.data_dir:
+        persistence = await Persistence.open(
+            settings.data_dir, store, fsync=settings.fsync, snapshot_min_log_bytes=settings.snapshot_min_log_bytes
+        )
     waiters = Waiters(store, clock)
     registry = CollectorRegistry(auto_describe=False)
-    service = MassTaskerService(store, waiters, settings, RpcMetrics(registry))
+    service = MassTaskerService(store, waiters, settings, RpcMetrics(registry), persistence=persistence)
 
     server = grpc.aio.server(
         options=[
@@ -109,7 +119,7 @@ async def start(settings: Settings, *, clock: Callable[[], int] = time.time_ns) 
         ]
     )
     server.add_generic_rpc_handlers((service.handler(),))
-    health_servicer = health.aio.HealthServicer()
+    health_servicer = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME),
@@ -120,13 +130,21 @@ async def start(settings: Settings, *, clock: Callable[[], int] = time.time_ns) 
     try:
         port = server.add_insecure_port(address)
     except RuntimeError as exc:
+        if persistence is not None:
+            await persistence.close()
         raise OSError(f"cannot listen on {address}: {exc}") from exc
 
-    if settings.bootstrap_task_group and not store.group_size(settings.bootstrap_task_group):
+    # With a data directory, only its very first start creates the bootstrap
+    # task: after a restart, an empty group means the job consumed it.
+    fresh = persistence is None or persistence.fresh
+    if settings.bootstrap_task_group and fresh and not store.group_size(settings.bootstrap_task_group):
         store.update([TaskSpec(settings.bootstrap_task_group, None)])
         log.info("created the bootstrap task in group %r", settings.bootstrap_task_group)
+    if persistence is not None:
+        await persistence.sync()
 
     running = Server(server, store, waiters, health_servicer, host, port, settings)
+    running.persistence = persistence
     await server.start()
     if settings.listen_http:
         http_host, http_port = parse_address(settings.listen_http)
@@ -135,6 +153,8 @@ async def start(settings: Settings, *, clock: Callable[[], int] = time.time_ns) 
             running._http, _ = start_http_server(http_port, http_host, registry)
         except OSError as exc:
             await server.stop(None)
+            if persistence is not None:
+                await persistence.close()
             raise OSError(f"cannot serve metrics on {settings.listen_http}: {exc}") from exc
         running.http_port = running._http.server_port
         log.info("metrics on http://%s/metrics", format_address(http_host, running.http_port))

@@ -27,6 +27,8 @@ DEFAULT_HTTP = "127.0.0.1:8080"
 DEFAULT_MAX_MSG_SIZE = 4 * 1024 * 1024
 DEFAULT_MAX_QUERY_TASKS = 1000
 DEFAULT_SHUTDOWN_GRACE = 10.0
+DEFAULT_SNAPSHOT_MIN_LOG_BYTES = 64 * 1024 * 1024
+FSYNC_POLICIES = ("always", "batch", "never")
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +45,9 @@ class Settings:
     shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE
     log_level: str = "info"
     log_format: str = "text"
+    data_dir: str = ""  # "" keeps everything in memory only
+    fsync: str = "always"  # one of FSYNC_POLICIES
+    snapshot_min_log_bytes: int = DEFAULT_SNAPSHOT_MIN_LOG_BYTES
 
     @property
     def rpc_address(self) -> str:
@@ -92,6 +97,14 @@ def _build_parser(version: str) -> argparse.ArgumentParser:
     add("--shutdown-grace", type=float, default=defaults.shutdown_grace, help="seconds in-flight calls get to finish")
     add("--log-level", default=defaults.log_level, choices=["debug", "info", "warning", "error"])
     add("--log-format", default=defaults.log_format, choices=["text", "json"])
+    add("--data-dir", default="", metavar="DIR", help="keep a write-ahead log and snapshots here; '' = memory only")
+    add("--fsync", default=defaults.fsync, choices=FSYNC_POLICIES, help="when a change counts as durable (see README)")
+    add(
+        "--snapshot-min-log-bytes",
+        type=_positive_int,
+        default=defaults.snapshot_min_log_bytes,
+        help="snapshot once the log exceeds this and twice the state's size",
+    )
     add("--version", action="version", version=f"%(prog)s {version}")
     return parser
 
