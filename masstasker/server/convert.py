@@ -7,6 +7,7 @@ and the rule.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 
 from google.protobuf.duration_pb2 import Duration
@@ -69,7 +70,8 @@ def check_timestamp_ns(value: int, field: str) -> int:
 def spec_from_pb(task: pb.Task, field: str = "created") -> TaskSpec:
     """A created task as a TaskSpec. The client's ``id`` is ignored; ``task`` is consumed."""
     not_before = timestamp_ns(task.not_before, f"{field}.not_before") if task.HasField("not_before") else None
-    group = task.group
+    # One str object per group name, not one per task: parsed strings are always new objects.
+    group = sys.intern(task.group)
     labels = labels_tuple(task.labels)
     task.ClearField("id")
     task.ClearField("group")
