@@ -1,0 +1,263 @@
+"""The client's logic, written once and run by both drivers (``Client`` and ``AsyncClient``).
+
+Each operation is a generator ("flow") that yields the I/O it needs as plain values: ``Call`` (make one
+unary RPC and send back the response, or throw in the mapped ``StatusError``), ``Pause`` (wait a real
+time, e.g. before retrying) and ``Tick`` (the lease heartbeat's wait, timed on the client's clock and
+cut short when the lease is released). The drivers in ``sync.py`` and ``aio.py`` only know how to do
+those three things, blocking or with ``await``; everything else — request building, retries, deadline
+bookkeeping, ID write-back, lease renewal — lives here, with no I/O, the way httpx runs its auth flows.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Generator, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, Literal, TypeAlias, TypeVar
+
+import grpc
+from google.protobuf.message import Message
+
+from masstasker._pb import masstasker_pb2 as pb
+from masstasker.client._ops import Delete, Disown, Move, Op, Reown, UpdatePlan, build_update, error_text
+from masstasker.client._time import Clock, Seconds, SystemClock, to_duration, to_seconds, to_timestamp
+from masstasker.client.errors import (
+    DeadlineExceeded,
+    LeaseLost,
+    StatusError,
+    TaskNotFound,
+    Unavailable,
+    is_saved_error,
+)
+
+__all__ = [
+    "DEFAULT_HEARTBEAT",
+    "DEFAULT_OWN_FOR",
+    "DEFAULT_QUERY_RETRY_PAUSE",
+    "MAX_QUERY_TASKS",
+    "Call",
+    "ClientBase",
+    "Flow",
+    "Lease",
+    "Pause",
+    "Step",
+    "Tick",
+    "commit_or_move_ops",
+    "do_flow",
+    "heartbeat_flow",
+    "optional_seconds",
+    "query_flow",
+]
+
+T = TypeVar("T")
+
+DEFAULT_HEARTBEAT = 10.0
+"""Seconds between lease renewals in ``run_with_lease``."""
+DEFAULT_OWN_FOR = 30.0
+"""Seconds each renewal extends the lease by; several heartbeats, so one slow renewal is not fatal."""
+DEFAULT_QUERY_RETRY_PAUSE = 5.0
+"""Seconds a waiting ``query`` pauses before asking again after NOT_FOUND/DEADLINE_EXCEEDED — the Go
+client's value, which keeps thousands of idle workers from hammering a Go server that cannot wait."""
+MAX_QUERY_TASKS = 2**32 - 1
+"""``QueryRequest.max_tasks`` is a uint32."""
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    """Make the unary call ``method`` with ``request`` and send back its response."""
+
+    method: Literal["Update", "Query", "BulkSet", "Debug"]
+    request: Message
+    timeout: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class Pause:
+    """Wait ``seconds`` of real time (a retry pause; it is about the network, not about task time)."""
+
+    seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class Tick:
+    """Wait ``seconds`` on the client's clock; the driver ends the flow instead if the lease is released."""
+
+    seconds: float
+
+
+Step: TypeAlias = Call | Pause | Tick
+Flow: TypeAlias = Generator[Step, Any, T]
+
+
+def optional_seconds(value: Seconds | None, *, name: str) -> float | None:
+    """``None`` stays ``None`` (no limit); anything else becomes non-negative seconds."""
+    return None if value is None else to_seconds(value, name=name)
+
+
+def do_flow(ops: Sequence[Op], *, clock: Clock, timeout: float | None) -> Flow[None]:
+    """``do(*ops)``: one atomic Update; on success the new IDs are written into the caller's tasks."""
+    plan = build_update(ops, clock.now())
+    response: pb.UpdateResponse = yield Call("Update", plan.request, timeout)
+    plan.apply(response)
+
+
+def query_flow(
+    group: str,
+    own_for: Seconds,
+    *,
+    wait: bool,
+    max_tasks: int,
+    many: bool,
+    timeout: float | None,
+    clock: Clock,
+    retry_pause: float,
+    monotonic: Callable[[], float] = time.monotonic,
+) -> Flow[list[pb.Task]]:
+    """``query``/``query_many``: the visible head(s) of ``group``, owned for ``own_for`` if it is positive.
+
+    With ``wait``, a server that answers NOT_FOUND or DEADLINE_EXCEEDED instead of waiting (the Go
+    server, for an empty group) is asked again after ``retry_pause``, until ``timeout`` (real seconds,
+    overall) runs out; then ``DeadlineExceeded`` is raised. Without ``wait``, nothing visible raises
+    ``TaskNotFound`` at once — or, for ``many`` (``query_many``), returns an empty list.
+    """
+    if not 1 <= max_tasks <= MAX_QUERY_TASKS:
+        raise ValueError(f"max_tasks must be between 1 and {MAX_QUERY_TASKS}, got {max_tasks}")
+    own_for_pb = to_duration(own_for, name="own_for")
+    deadline = None if timeout is None else monotonic() + timeout
+
+    def remaining() -> float | None:
+        return None if deadline is None else deadline - monotonic()
+
+    while True:
+        left = remaining()
+        if left is not None and left <= 0:
+            raise DeadlineExceeded(grpc.StatusCode.DEADLINE_EXCEEDED, f"no task in group {group!r} within {timeout}s")
+        request = pb.QueryRequest(
+            group=group,
+            own_for=own_for_pb,
+            # Re-stamped on every attempt: a retry must not ask about the past.
+            now=to_timestamp(clock.now()),
+            wait=wait,
+            # 0 keeps the request byte-identical to Go's for the common single-task case.
+            max_tasks=max_tasks if max_tasks > 1 else 0,
+        )
+        try:
+            response: pb.QueryResponse = yield Call("Query", request, left)
+        except TaskNotFound:
+            if not wait:
+                if many:
+                    return []
+                raise
+        except DeadlineExceeded:
+            left = remaining()
+            if not wait or (left is not None and left <= 0):
+                raise  # the caller's own timeout: not something to retry
+        else:
+            # A server that ignores max_tasks (Go) fills in only `task`.
+            tasks = list(response.tasks) or ([response.task] if response.HasField("task") else [])
+            if not tasks and not many:
+                raise TaskNotFound(grpc.StatusCode.NOT_FOUND, f"the server returned no task for group {group!r}")
+            return tasks
+        # Only a waiting query gets here: the server gave up instead of waiting.
+        left = remaining()
+        yield Pause(retry_pause if left is None else max(0.0, min(retry_pause, left)))
+
+
+def commit_or_move_ops(task: pb.Task, exc: BaseException | None, error_group: str) -> tuple[Op, BaseException | None]:
+    """What ``commit_or_move`` does, as Go's ``CommitOrMove``: the op to run and the error to raise after.
+
+    No error: delete the task. A saved error and an ``error_group``: move the task there with ``error``
+    set. Anything else: disown the task (so another worker retries it soon) and raise ``exc``.
+    """
+    if exc is None:
+        return Delete(task), None
+    if error_group and is_saved_error(exc):
+        return Move(error_group, task, error=error_text(exc)), None
+    return Disown(task), exc
+
+
+class Lease:
+    """The state ``run_with_lease`` shares between its work and its heartbeat.
+
+    The heartbeat renews a private copy of the task (``held``) and never touches the caller's object
+    while the work runs, so the two cannot race on the ID; ``finish`` writes the current ID (and the
+    lease's ``not_before``) into the caller's task once the heartbeat has stopped.
+    """
+
+    def __init__(self, task: pb.Task, *, heartbeat: Seconds, own_for: Seconds, clock: Clock) -> None:
+        self.heartbeat = to_seconds(heartbeat, name="heartbeat")
+        self.own_for = to_seconds(own_for, name="own_for")
+        if not 0 < self.heartbeat < self.own_for:
+            # A heartbeat at or beyond own_for lets the lease lapse between renewals.
+            raise ValueError(f"need 0 < heartbeat ({self.heartbeat}s) < own_for ({self.own_for}s)")
+        if task.id == 0:
+            raise ValueError("run_with_lease needs a task the server gave you (it has no ID)")
+        self.task = task
+        self.held = pb.Task()
+        self.held.CopyFrom(task)
+        self.clock = clock
+        self.renewals = 0
+        self.error: BaseException | None = None  # why the heartbeat stopped early, if it did
+        self.released = False  # set by the driver when the work is over: the heartbeat stops at its next Tick
+
+    def finish(self) -> None:
+        """Write the current ID and lease expiry into the caller's task (call once the heartbeat stopped)."""
+        self.task.id = self.held.id
+        self.task.not_before.CopyFrom(self.held.not_before)
+
+
+def heartbeat_flow(lease: Lease) -> Flow[None]:
+    """Renew ``lease`` every ``heartbeat`` until the driver stops it (at a ``Tick``) or renewal fails.
+
+    A renewal that finds the ID gone (NOT_FOUND) means someone else owns the task: ``LeaseLost``. An
+    unreachable server or a timed-out renewal is retried at the next beat: the ID is ours until the
+    server says otherwise (if such a renewal did apply, the next one finds the ID gone, and we stop).
+    """
+    while True:
+        yield Tick(lease.heartbeat)
+        plan: UpdatePlan = build_update([Reown(timedelta(seconds=lease.own_for), lease.held)], lease.clock.now())
+        try:
+            # A renewal slower than the lease is worthless; do not let it block the stop forever.
+            response: pb.UpdateResponse = yield Call("Update", plan.request, lease.own_for)
+        except TaskNotFound as exc:
+            raise LeaseLost(lease.held.id) from exc
+        except (Unavailable, DeadlineExceeded):
+            continue
+        except StatusError:
+            raise
+        plan.apply(response)
+        lease.renewals += 1
+
+
+class ClientBase:
+    """What ``Client`` and ``AsyncClient`` share: configuration, and the flows behind every method."""
+
+    clock: Clock
+    query_retry_pause: float
+    wait_for_ready: bool
+
+    def _configure(self, *, clock: Clock | None, query_retry_pause: Seconds, wait_for_ready: bool) -> None:
+        self.clock = clock if clock is not None else SystemClock()
+        self.query_retry_pause = to_seconds(query_retry_pause, name="query_retry_pause")
+        self.wait_for_ready = wait_for_ready
+
+    def _do_flow(self, ops: Sequence[Op], timeout: Seconds | None) -> Flow[None]:
+        return do_flow(ops, clock=self.clock, timeout=optional_seconds(timeout, name="timeout"))
+
+    def _query_flow(
+        self, group: str, own_for: Seconds, *, wait: bool, max_tasks: int, many: bool, timeout: Seconds | None
+    ) -> Flow[list[pb.Task]]:
+        return query_flow(
+            group,
+            own_for,
+            wait=wait,
+            max_tasks=max_tasks,
+            many=many,
+            timeout=optional_seconds(timeout, name="timeout"),
+            clock=self.clock,
+            retry_pause=self.query_retry_pause,
+        )
+
+    def _lease(self, task: pb.Task, heartbeat: Seconds, own_for: Seconds) -> Lease:
+        return Lease(task, heartbeat=heartbeat, own_for=own_for, clock=self.clock)

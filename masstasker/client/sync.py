@@ -1,0 +1,254 @@
+"""``Client``: the synchronous driver. All logic is in ``_core``; this module only makes blocking calls."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from types import TracebackType
+from typing import Any, TypeVar
+
+import grpc
+
+from masstasker._pb import masstasker_pb2 as pb
+from masstasker._pb import masstasker_pb2_grpc as pb_grpc
+from masstasker.client._core import (
+    DEFAULT_HEARTBEAT,
+    DEFAULT_OWN_FOR,
+    DEFAULT_QUERY_RETRY_PAUSE,
+    Call,
+    ClientBase,
+    Flow,
+    Pause,
+    Tick,
+    commit_or_move_ops,
+    heartbeat_flow,
+)
+from masstasker.client._ops import Create, Delete, Disown, Move, Op, Pred, Reown, Update
+from masstasker.client._time import Clock, Seconds
+from masstasker.client.errors import StatusError, from_rpc_error
+
+__all__ = ["Client"]
+
+T = TypeVar("T")
+
+
+class Client(ClientBase):
+    """A synchronous MassTasker client that works on ``Task`` objects and keeps their IDs current.
+
+    ``Client("host:port")`` dials an insecure channel (pass ``credentials`` for TLS); ``from_channel``
+    wraps one you made. Use it as a context manager or call ``close()``. ``rpc`` is the raw generated
+    stub for anything the high-level methods do not cover (``BulkSet``, ``Debug``).
+
+    Every method is safe to call from several threads at once.
+    """
+
+    rpc: pb_grpc.MassTaskerStub
+    """The generated gRPC stub on this client's channel."""
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        credentials: grpc.ChannelCredentials | None = None,
+        options: Sequence[tuple[str, Any]] = (),
+        clock: Clock | None = None,
+        query_retry_pause: Seconds = DEFAULT_QUERY_RETRY_PAUSE,
+        wait_for_ready: bool = False,
+    ) -> None:
+        """Dial ``target``. ``clock`` stamps times (default: the system clock); ``query_retry_pause`` is how
+        long a waiting ``query`` pauses when a server cannot wait (Go); ``wait_for_ready`` makes calls wait
+        for the server to come up instead of failing with ``Unavailable``."""
+        if credentials is None:
+            channel = grpc.insecure_channel(target, options=options)
+        else:
+            channel = grpc.secure_channel(target, credentials, options=options)
+        self._setup(channel, owns_channel=True)
+        self._configure(clock=clock, query_retry_pause=query_retry_pause, wait_for_ready=wait_for_ready)
+
+    @classmethod
+    def from_channel(
+        cls,
+        channel: grpc.Channel,
+        *,
+        clock: Clock | None = None,
+        query_retry_pause: Seconds = DEFAULT_QUERY_RETRY_PAUSE,
+        wait_for_ready: bool = False,
+    ) -> Client:
+        """A client on an existing channel. The channel stays yours: ``close()`` leaves it open."""
+        client = cls.__new__(cls)
+        client._setup(channel, owns_channel=False)
+        client._configure(clock=clock, query_retry_pause=query_retry_pause, wait_for_ready=wait_for_ready)
+        return client
+
+    def _setup(self, channel: grpc.Channel, *, owns_channel: bool) -> None:
+        self.channel = channel
+        self._owns_channel = owns_channel
+        self.rpc = pb_grpc.MassTaskerStub(channel)
+
+    def close(self) -> None:
+        """Close the channel if this client opened it."""
+        if self._owns_channel:
+            self.channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    # -- the driver ---------------------------------------------------------------------------------------
+
+    def _run(self, flow: Flow[T], tick: Callable[[float], bool] | None = None) -> T:
+        """Run ``flow``, doing the I/O it asks for; ``tick`` waits a heartbeat and says whether to go on."""
+        reply: Any = None
+        error: StatusError | None = None
+        while True:
+            try:
+                step = flow.send(reply) if error is None else flow.throw(error)
+            except StopIteration as stop:
+                result: T = stop.value
+                return result
+            reply, error = None, None
+            if isinstance(step, Call):
+                method = getattr(self.rpc, step.method)
+                try:
+                    reply = method(step.request, timeout=step.timeout, wait_for_ready=self.wait_for_ready)
+                except grpc.RpcError as exc:
+                    error = from_rpc_error(exc)
+            elif isinstance(step, Pause):
+                time.sleep(step.seconds)
+            elif isinstance(step, Tick) and tick is not None:
+                if not tick(step.seconds):
+                    flow.close()
+                    return None  # type: ignore[return-value]  # only heartbeat flows tick, and they return None
+            else:
+                raise TypeError(f"unexpected step {step!r}")
+
+    # -- the API --------------------------------------------------------------------------------------------
+
+    def do(self, *ops: Op, timeout: Seconds | None = None) -> None:
+        """Apply ``ops`` (``Create``, ``Delete``, ``Update``, ``Move``, ``Disown``, ``Reown``, ``Pred``) in one
+        atomic Update. On success every created task object carries its new ID; on failure nothing the
+        caller holds has changed and the error (``TaskNotFound``, ``PreconditionFailed``, …) is raised."""
+        self._run(self._do_flow(ops, timeout))
+
+    def query(self, group: str, own_for: Seconds = 0, *, wait: bool = True, timeout: Seconds | None = None) -> pb.Task:
+        """The head of ``group``; with ``own_for > 0``, leased to you for that long (it gets a new ID).
+
+        ``wait=True`` waits for a task to become visible, up to ``timeout`` (then ``DeadlineExceeded``);
+        ``wait=False`` raises ``TaskNotFound`` at once if none is visible.
+        """
+        return self._run(self._query_flow(group, own_for, wait=wait, max_tasks=1, many=False, timeout=timeout))[0]
+
+    def query_many(
+        self,
+        group: str,
+        max_tasks: int,
+        own_for: Seconds = 0,
+        *,
+        wait: bool = True,
+        timeout: Seconds | None = None,
+    ) -> list[pb.Task]:
+        """Up to ``max_tasks`` visible tasks from the head of ``group``, each leased for ``own_for`` if positive,
+        in one atomic step. ``wait`` returns once at least one is visible; ``wait=False`` returns ``[]`` if
+        none is. A server that ignores ``max_tasks`` (Go) returns one task."""
+        return self._run(self._query_flow(group, own_for, wait=wait, max_tasks=max_tasks, many=True, timeout=timeout))
+
+    def run_with_lease(
+        self,
+        task: pb.Task,
+        fn: Callable[[pb.Task, threading.Event], T],
+        *,
+        heartbeat: Seconds = DEFAULT_HEARTBEAT,
+        own_for: Seconds = DEFAULT_OWN_FOR,
+    ) -> T:
+        """Run ``fn(task, lost)`` while a background thread renews the lease on ``task`` every ``heartbeat``
+        (each renewal owns it for ``own_for`` more) and return what ``fn`` returns.
+
+        Afterwards — also when ``fn`` raises — ``task`` carries the current ID, ready to commit. If a renewal
+        finds that someone else owns the task, the event ``lost`` is set (long work should check it and
+        stop) and, once ``fn`` returns, ``LeaseLost`` is raised instead of its result.
+        """
+        lease = self._lease(task, heartbeat, own_for)
+        lost = threading.Event()
+        cond = threading.Condition()
+
+        def tick(seconds: float) -> bool:
+            with cond:
+                return not self.clock.wait_for(cond, lambda: lease.released, seconds)
+
+        def beat() -> None:
+            try:
+                self._run(heartbeat_flow(lease), tick)
+            except Exception as exc:
+                lease.error = exc
+                lost.set()
+
+        thread = threading.Thread(target=beat, name=f"masstasker-heartbeat-{task.id}", daemon=True)
+        thread.start()
+
+        def release() -> None:
+            with cond:
+                lease.released = True
+                cond.notify_all()
+            # An in-flight renewal is allowed to finish, so the ID written back is the one the server has.
+            thread.join()
+            lease.finish()
+
+        try:
+            result = fn(task, lost)
+        except Exception:
+            release()
+            if lease.error is not None:
+                raise lease.error  # noqa: B904  # the work's error stays attached as __context__
+            raise
+        except BaseException:
+            release()
+            raise
+        release()
+        if lease.error is not None:
+            raise lease.error
+        return result
+
+    # -- one-liners over do(), as the Go client's (deprecated there) methods ----------------------------------
+
+    def create(self, *tasks: pb.Task) -> None:
+        """Create the tasks; each object gets its new ID."""
+        self.do(Create(*tasks))
+
+    def update(self, *tasks: pb.Task) -> None:
+        """Replace each task by its current content; each object gets its new ID."""
+        self.do(Update(*tasks))
+
+    def delete(self, *tasks: pb.Task) -> None:
+        """Delete the tasks by ID."""
+        self.do(Delete(*tasks))
+
+    def complex_update(
+        self, create: Iterable[pb.Task] = (), delete: Iterable[pb.Task] = (), predicates: Iterable[pb.Task] = ()
+    ) -> None:
+        """Create, delete and check predicates in one atomic Update."""
+        self.do(Create(*create), Delete(*delete), Pred(*predicates))
+
+    def move(self, group: str, *tasks: pb.Task) -> None:
+        """Move the tasks to ``group`` (new IDs)."""
+        self.do(Move(group, *tasks))
+
+    def disown(self, *tasks: pb.Task) -> None:
+        """Give up the lease: make the tasks visible again now (new IDs)."""
+        self.do(Disown(*tasks))
+
+    def reown(self, own_for: Seconds, *tasks: pb.Task) -> None:
+        """Lease the tasks until now + ``own_for`` (new IDs)."""
+        self.do(Reown(own_for, *tasks))
+
+    def commit_or_move(self, task: pb.Task, exc: BaseException | None, error_group: str) -> None:
+        """Delete ``task`` if ``exc`` is None; move it to ``error_group`` if ``exc`` is a saved error (and
+        ``error_group`` is not empty); otherwise disown it, so it is retried soon, and raise ``exc``."""
+        op, reraise = commit_or_move_ops(task, exc, error_group)
+        self.do(op)
+        if reraise is not None:
+            raise reraise
