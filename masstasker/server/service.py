@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -193,11 +194,13 @@ class MassTaskerService:
         """Debug: a group's tasks in queue order, or all tasks in ID order."""
         request = _parse(pb.DebugRequest, data)
         store = self._store
+        # A uint64 limit can exceed what islice() takes (found by fuzzing: was INTERNAL); no store is that big.
+        limit = min(request.limit, sys.maxsize)
         if request.group:
-            tasks = store.group_tasks(request.group, request.limit)
+            tasks = store.group_tasks(request.group, limit)
             total = store.group_size(request.group)
         else:
-            tasks = store.all_tasks(request.limit)
+            tasks = store.all_tasks(limit)
             total = len(store)
         response = pb.DebugResponse(num_tasks=total)
         add = response.tasks.add
