@@ -1,10 +1,12 @@
 """MassTasker: a task-queue server and client, wire-compatible with the Go MassTasker.
 
-The client is importable from here: ``from masstasker import Client, new_task, Delete``.
+The client is importable from here: ``from masstasker import Client, new_task, Delete``; ``pb`` is the
+module of wire messages (``pb.Task``, ``pb.Test``, ``pb.DebugRequest``, …) for use with ``client.rpc``.
 """
 
 from importlib.metadata import PackageNotFoundError, version
 
+from masstasker._pb import masstasker_pb2 as pb
 from masstasker.client import (
     AsyncClient,
     Cancelled,
@@ -72,5 +74,6 @@ __all__ = [
     "is_saved_error",
     "new_task",
     "pack_data",
+    "pb",
     "unpack_data",
 ]

@@ -78,7 +78,9 @@ class FakeClock:
         self._now = (start or datetime.now(UTC)).astimezone(UTC)
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)  # sleeper count changed
-        self._conds: dict[int, threading.Condition] = {}  # sync sleepers: id -> their condition
+        # Sleepers by key. advance() removes the ones it wakes, so `sleepers` counts only waits still pending
+        # and a test can tell "the heartbeat is asleep again" from "it has not woken up yet".
+        self._conds: dict[int, tuple[datetime, threading.Condition]] = {}
         self._futures: dict[int, tuple[datetime, asyncio.AbstractEventLoop, asyncio.Future[None]]] = {}
         self._next_key = 0
 
@@ -93,12 +95,12 @@ class FakeClock:
         with self._lock:
             self._now += step
             now = self._now
-            conds = list(self._conds.values())
+            conds = [cond for deadline, cond in self._conds.values() if deadline <= now]
+            self._conds = {key: entry for key, entry in self._conds.items() if entry[0] > now}
             due = [(key, loop, fut) for key, (deadline, loop, fut) in self._futures.items() if deadline <= now]
             for key, _, _ in due:
                 del self._futures[key]
-            if due:
-                self._changed.notify_all()
+            self._changed.notify_all()
         # Outside our lock: a sleeper holds its condition while it takes our lock, so the reverse order
         # here would deadlock. A sleeper re-checks the time under its condition, so none is missed.
         for cond in conds:
@@ -111,12 +113,12 @@ class FakeClock:
 
     @property
     def sleepers(self) -> int:
-        """How many waits (sync and async) are in progress on this clock."""
+        """How many waits (sync and async) on this clock are pending: not yet woken by ``advance()``."""
         with self._lock:
             return len(self._conds) + len(self._futures)
 
     def wait_for_sleepers(self, count: int = 1, *, timeout: float = 10.0) -> None:
-        """Block (real time, at most ``timeout``) until at least ``count`` waits are in progress.
+        """Block (real time, at most ``timeout``) until at least ``count`` waits are pending.
 
         From a thread other than the sleepers' event loop; in a coroutine use ``wait_for_sleepers_async``.
         """
@@ -134,7 +136,7 @@ class FakeClock:
         with self._lock:
             deadline = self._now + timedelta(seconds=timeout)
             key = self._register_locked()
-            self._conds[key] = cond
+            self._conds[key] = (deadline, cond)
             self._changed.notify_all()
         try:
             while not predicate():
@@ -144,7 +146,7 @@ class FakeClock:
             return True
         finally:
             with self._lock:
-                del self._conds[key]
+                self._conds.pop(key, None)  # already gone if advance() woke us
                 self._changed.notify_all()
 
     async def sleep(self, seconds: float) -> None:
@@ -223,7 +225,8 @@ def run_server_process(*args: str, timeout: float = START_TIMEOUT) -> Iterator[S
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
-        text=True,
+        encoding="utf-8",
+        errors="replace",  # a log line is for reading; never fail on its bytes
         env=env,
     )
     log: list[str] = []
@@ -332,10 +335,6 @@ def masstasker_async_client(masstasker_async_client_factory: Callable[..., Async
 
 
 def _close_async(client: AsyncClient) -> None:
-    """Close an async client from synchronous teardown, whatever became of the loop it was used in."""
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        asyncio.run(client.close())
-    else:  # teardown inside a running loop (unusual): closing would need it; let the channel be collected
-        pass
+    """Close an async client from synchronous teardown. The loop its channel was made in is usually gone by
+    now (``asyncio.run`` closed it); grpc.aio lets a fresh loop close the channel and free its resources."""
+    asyncio.run(client.close())

@@ -25,7 +25,6 @@ from masstasker.client._time import Clock, Seconds, SystemClock, to_duration, to
 from masstasker.client.errors import (
     DeadlineExceeded,
     LeaseLost,
-    StatusError,
     TaskNotFound,
     Unavailable,
     is_saved_error,
@@ -224,8 +223,7 @@ def heartbeat_flow(lease: Lease) -> Flow[None]:
             raise LeaseLost(lease.held.id) from exc
         except (Unavailable, DeadlineExceeded):
             continue
-        except StatusError:
-            raise
+        # Any other error (say INVALID_ARGUMENT) propagates: the lease cannot be kept, so the work is stopped.
         plan.apply(response)
         lease.renewals += 1
 

@@ -79,7 +79,7 @@ class AsyncClient(ClientBase):
         client._credentials = None
         client._options = ()
         client._channel = channel
-        client._stub = pb_grpc.MassTaskerAsyncStub(channel)
+        client._stub = pb_grpc.MassTaskerStub(channel)
         client._loop = None  # not ours to re-make, whatever loop it is on
         client._owns_channel = False
         client._configure(clock=clock, query_retry_pause=query_retry_pause, wait_for_ready=wait_for_ready)
@@ -93,7 +93,7 @@ class AsyncClient(ClientBase):
             if self._stub is None or self._loop is not loop:
                 # The old channel, if any, died with its loop; nothing to close on a loop that is gone.
                 self._channel = self._make_channel()
-                self._stub = pb_grpc.MassTaskerAsyncStub(self._channel)
+                self._stub = pb_grpc.MassTaskerStub(self._channel)
                 self._loop = loop
         assert self._stub is not None
         return self._stub
@@ -205,11 +205,12 @@ class AsyncClient(ClientBase):
 
         Afterwards — also when ``fn`` raises or this call is cancelled — ``task`` carries the current ID. If a
         renewal finds that someone else owns the task, ``fn`` is cancelled and ``LeaseLost`` is raised.
+        Commit after this returns, not inside ``fn`` (see ``Client.run_with_lease``).
         """
         lease = self._lease(task, heartbeat, own_for)
         released = asyncio.Event()
+        work = asyncio.ensure_future(fn(task))  # first: if fn is not a coroutine function, nothing is left running
         beat = asyncio.ensure_future(self._beat(lease, released))
-        work = asyncio.ensure_future(fn(task))
         try:
             await asyncio.wait({work, beat}, return_when=asyncio.FIRST_COMPLETED)
         finally:

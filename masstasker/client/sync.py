@@ -171,6 +171,9 @@ class Client(ClientBase):
         Afterwards — also when ``fn`` raises — ``task`` carries the current ID, ready to commit. If a renewal
         finds that someone else owns the task, the event ``lost`` is set (long work should check it and
         stop) and, once ``fn`` returns, ``LeaseLost`` is raised instead of its result.
+
+        Commit after this returns, not inside ``fn``: while it runs, the ID the work sees may already have
+        been renewed away (the heartbeat renews its own copy so that the two never race).
         """
         lease = self._lease(task, heartbeat, own_for)
         lost = threading.Event()

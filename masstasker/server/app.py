@@ -18,6 +18,7 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer  # what health.aio re-exports; typed this way
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
@@ -46,7 +47,7 @@ class Server:
         grpc_server: grpc.aio.Server,
         store: Store,
         waiters: Waiters,
-        health_servicer: health.aio.HealthServicer,
+        health_servicer: HealthServicer,
         host: str,
         port: int,
         settings: Settings,
@@ -133,7 +134,7 @@ async def start(settings: Settings, *, clock: Callable[[], int] = time.time_ns) 
         ],
     )
     server.add_generic_rpc_handlers((service.handler(),))
-    health_servicer = health.aio.HealthServicer()
+    health_servicer = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME),

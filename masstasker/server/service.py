@@ -74,7 +74,7 @@ class MassTaskerService:
         self._limits = Limits(settings)
         self._clock = time.time_ns
 
-    def handler(self) -> grpc.GenericRpcHandler:
+    def handler(self) -> grpc.GenericRpcHandler:  # type: ignore[type-arg]
         """The generic handler to register with a server."""
         methods = {
             "Update": self._wrap("Update", self.update),

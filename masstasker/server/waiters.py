@@ -66,6 +66,7 @@ class Waiters:
         self._groups: dict[str, _Group] = {}
         self._closed = False
         self.count = 0  # waiting calls, for metrics and limits
+        self.wakeups = 0  # waiters woken by dispatch, ever (tests check there is no thundering herd)
         store.listeners.append(self._on_change)
 
     def __len__(self) -> int:
@@ -135,6 +136,7 @@ class Waiters:
                 break
             queue.popleft()
             state.pending += 1
+            self.wakeups += 1
             waiter.future.set_result(True)
         if queue:
             self._arm_timer(group, state, now, queue[0].offset)

@@ -1,0 +1,26 @@
+# MassTasker server for local development: docker build -t masstasker . && docker run -p 50053:50053 masstasker
+FROM python:3.11-slim
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY masstasker ./masstasker
+RUN pip install --no-cache-dir . \
+    && useradd --system --no-create-home --uid 10001 masstasker
+
+WORKDIR /
+USER 10001
+
+# Inside the container the server must listen on every interface to be reachable.
+ENV MASSTASKER_LISTEN_RPC=0.0.0.0:50053 \
+    MASSTASKER_LISTEN_HTTP=0.0.0.0:8080
+EXPOSE 50053 8080
+
+HEALTHCHECK --interval=10s --timeout=5s --start-period=5s --retries=3 \
+    CMD ["python", "-m", "masstasker.server.healthcheck"]
+
+ENTRYPOINT ["masstasker-server"]
