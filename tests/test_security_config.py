@@ -118,5 +118,5 @@ def test_plaintext_loopback_server_does_not_warn(
 ) -> None:
     caplog.set_level(logging.INFO, logger="masstasker.server")
     make_server()
-    assert "listening on 127.0.0.1:" in caplog.text and "(plaintext)" in caplog.text
+    assert "listening on 127.0.0.1:" in caplog.text and "transport: plaintext; no token needed" in caplog.text
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]

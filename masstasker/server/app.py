@@ -168,11 +168,11 @@ async def start(settings: Settings, *, clock: Callable[[], int] = time.time_ns) 
     await health_servicer.set("", _SERVING)
     await health_servicer.set(SERVICE_NAME, _SERVING)
     log.info(
-        "listening on %s (%s%s)",
-        format_address(host, port),
+        "gRPC transport: %s; %s",
         "mutual TLS" if settings.tls_client_ca else "TLS" if credentials else "plaintext",
-        f", {len(tokens)} bearer token(s)" if tokens is not None else "",
+        f"{len(tokens)} bearer token(s) accepted" if tokens is not None else "no token needed",
     )
+    log.info("listening on %s", format_address(host, port))
     for warning in exposure_warnings(settings, host):
         log.warning("%s", warning)
     return running
