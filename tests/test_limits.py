@@ -118,25 +118,30 @@ def test_refs_per_bulk_set(make_server: Callable[..., BackgroundServer], stub_fo
 # -- one task -----------------------------------------------------------------------------------------------------
 
 
-def test_task_bytes(make_server: Callable[..., BackgroundServer], stub_for: StubFor) -> None:
-    server = make_server(max_task_bytes=300)
+def test_payload_bytes(make_server: Callable[..., BackgroundServer], stub_for: StubFor) -> None:
+    server = make_server(max_payload_bytes=300)
     stub = stub_for(server)
-    stub.Update(pb.UpdateRequest(created=[task_of_size(300, group="g")]), timeout=TIMEOUT)
-    request = pb.UpdateRequest(created=[pb.Task(), task_of_size(301, group="g")])
-    rejected(lambda: stub.Update(request, timeout=TIMEOUT), INVALID, "created[1]", "301", "--max-task-bytes")
-    assert store_size(server) == 1
+    # The group and not_before are not payload: only data, labels and error count.
+    stub.Update(pb.UpdateRequest(created=[task_of_size(300)]), timeout=TIMEOUT)
+    grouped = task_of_size(300)
+    grouped.group = "a group name"
+    grouped.not_before.seconds = 1_700_000_000
+    stub.Update(pb.UpdateRequest(created=[grouped]), timeout=TIMEOUT)
+    request = pb.UpdateRequest(created=[pb.Task(), task_of_size(301)])
+    rejected(lambda: stub.Update(request, timeout=TIMEOUT), INVALID, "created[1]", "301", "--max-payload-bytes")
+    assert store_size(server) == 2
 
 
-def test_bulk_set_prototype_and_result_size(make_server: Callable[..., BackgroundServer], stub_for: StubFor) -> None:
-    server = make_server(max_task_bytes=300)
+def test_bulk_set_payload(make_server: Callable[..., BackgroundServer], stub_for: StubFor) -> None:
+    server = make_server(max_payload_bytes=300)
     stub = stub_for(server)
     stub.Update(pb.UpdateRequest(created=[task_of_size(250, group="g")]), timeout=TIMEOUT)
     everything = [pb.TaskRef(group="g")]
     big = pb.BulkSetRequest(ref=everything, prototype=task_of_size(301))
-    rejected(lambda: stub.BulkSet(big, timeout=TIMEOUT), INVALID, "prototype", "--max-task-bytes")
+    rejected(lambda: stub.BulkSet(big, timeout=TIMEOUT), INVALID, "301 bytes", "--max-payload-bytes")
     # Each part fits, but the rewritten task (old payload + new error) would not.
     grow = pb.BulkSetRequest(ref=everything, prototype=pb.Task(error="e" * 100))
-    rejected(lambda: stub.BulkSet(grow, timeout=TIMEOUT), INVALID, "rewritten task", "--max-task-bytes")
+    rejected(lambda: stub.BulkSet(grow, timeout=TIMEOUT), INVALID, "rewritten task", "--max-payload-bytes")
     fits = pb.BulkSetRequest(ref=everything, prototype=pb.Task(error="e" * 20))
     assert stub.BulkSet(fits, timeout=TIMEOUT).num_updated == 1
     assert store_size(server) == 1

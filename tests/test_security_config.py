@@ -13,7 +13,7 @@ from masstasker.server.tls import exposure_warnings, is_loopback
 
 LIMIT_FLAGS = {
     "--max-update-tasks": "max_update_tasks",
-    "--max-task-bytes": "max_task_bytes",
+    "--max-payload-bytes": "max_payload_bytes",
     "--max-group-bytes": "max_group_bytes",
     "--max-labels": "max_labels",
     "--max-label-key-bytes": "max_label_key_bytes",
@@ -71,7 +71,7 @@ def test_limit_flags_and_environment(flag: str, field: str) -> None:
     "argv",
     [
         ["--max-labels", "0"],
-        ["--max-task-bytes", "-1"],
+        ["--max-payload-bytes", "-1"],
         ["--tls-cert", "s.crt"],
         ["--tls-key", "s.key"],
         ["--tls-client-ca", "ca.crt"],

@@ -31,7 +31,7 @@ DEFAULT_SHUTDOWN_GRACE = 10.0
 # Limits that keep one client from making the server allocate without bound
 # (docs/security.md explains each).
 DEFAULT_MAX_UPDATE_TASKS = 100_000
-DEFAULT_MAX_TASK_BYTES = 1024 * 1024
+DEFAULT_MAX_PAYLOAD_BYTES = 1024 * 1024
 DEFAULT_MAX_GROUP_BYTES = 1024
 DEFAULT_MAX_LABELS = 64
 DEFAULT_MAX_LABEL_KEY_BYTES = 256
@@ -61,7 +61,7 @@ class Settings:
     auth_token_file: str = ""  # set: every non-health RPC needs "authorization: Bearer <token>"
     metrics_auth: bool = False  # /metrics needs the same bearer token
     max_update_tasks: int = DEFAULT_MAX_UPDATE_TASKS
-    max_task_bytes: int = DEFAULT_MAX_TASK_BYTES
+    max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES
     max_group_bytes: int = DEFAULT_MAX_GROUP_BYTES
     max_labels: int = DEFAULT_MAX_LABELS
     max_label_key_bytes: int = DEFAULT_MAX_LABEL_KEY_BYTES
@@ -141,7 +141,7 @@ def _add_security_flags(parser: argparse.ArgumentParser, defaults: Settings) -> 
     add("--metrics-auth", type=_boolean, nargs="?", const=True, default=False, help="/metrics needs the token too")
     limits = (
         ("--max-update-tasks", defaults.max_update_tasks, "created tasks, deleted refs or predicates per Update"),
-        ("--max-task-bytes", defaults.max_task_bytes, "serialized size of one task (its payload, labels, error)"),
+        ("--max-payload-bytes", defaults.max_payload_bytes, "payload bytes per task: data, labels, error, serialized"),
         ("--max-group-bytes", defaults.max_group_bytes, "group name length in UTF-8 bytes"),
         ("--max-labels", defaults.max_labels, "labels per task"),
         ("--max-label-key-bytes", defaults.max_label_key_bytes, "label key length in UTF-8 bytes"),

@@ -1,27 +1,33 @@
 """Request limits: what one client may make the server allocate.
 
-gRPC itself enforces the message size (``--max-msg-size``, RESOURCE_EXHAUSTED).
-Everything else is checked here, on the parsed message and before any of it
-is converted or stored, so a rejected request costs no more than its parse:
+gRPC itself enforces the message size (``--max-msg-size``, RESOURCE_EXHAUSTED),
+which bounds everything a single request can make the server hold while it
+is handled. The limits here bound what a request may leave behind:
 
-- the shape of a request (tasks per Update, bytes per task, group name and
-  label sizes, labels per task) is INVALID_ARGUMENT via
-  :class:`~masstasker.server.store.BadRequest`: sending it again cannot help;
-- waiting Queries, in total and per connection, are RESOURCE_EXHAUSTED via
-  :class:`LimitExceeded`: the same call may succeed once others finish.
+- the counts (tasks, refs, predicates per request) are checked on the parsed
+  message, before anything is converted;
+- each task's payload, group name and labels are checked on the converted
+  :class:`~masstasker.server.store.TaskSpec`, before the store sees it (the
+  conversion is bounded by the message size, and checking its result is
+  nearly free: a few ``len()`` calls, no protobuf access);
+- these are INVALID_ARGUMENT via :class:`~masstasker.server.store.BadRequest`,
+  since sending the same request again cannot help; waiting Queries, in total
+  and per connection, are RESOURCE_EXHAUSTED via :class:`LimitExceeded`, since
+  the same call may succeed once others finish.
 
 Every message names the limit and the flag that sets it. Lengths are UTF-8
-bytes, as on the wire.
+bytes, as on the wire. A request no bigger than a limit cannot break it, so
+the per-task loop is skipped for small requests.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
 from masstasker._pb import masstasker_pb2 as pb
 from masstasker.server.config import Settings
-from masstasker.server.store import BadRequest
+from masstasker.server.store import BadRequest, TaskSpec
 
 __all__ = ["LimitExceeded", "Limits"]
 
@@ -31,36 +37,27 @@ class LimitExceeded(Exception):
 
 
 def _utf8_len(text: str) -> int:
-    # len() counts code points; only text that might be over a limit is encoded.
     return len(text) if text.isascii() else len(text.encode())
 
 
 class Limits:
     """The per-request limits of one server, and its count of waiting Queries per connection.
 
-    Each ``check_*`` method raises before the caller allocates anything for
-    the request. Use from the server's event loop only.
+    Use from the server's event loop only.
     """
 
     def __init__(self, settings: Settings) -> None:
         self.max_update_tasks = settings.max_update_tasks
-        self.max_task_bytes = settings.max_task_bytes
+        self.max_payload_bytes = settings.max_payload_bytes
         self.max_group_bytes = settings.max_group_bytes
         self.max_labels = settings.max_labels
         self.max_label_key_bytes = settings.max_label_key_bytes
         self.max_label_value_bytes = settings.max_label_value_bytes
         self.max_waiting_queries = settings.max_waiting_queries
         self.max_waiting_per_connection = settings.max_waiting_per_connection
-        # A request no bigger than this cannot break any per-task limit, so its
-        # tasks need no look at all: the common case costs one comparison.
-        # (Each label is a map entry of at least 2 bytes on the wire.)
-        self._small_request = min(
-            self.max_task_bytes,
-            self.max_group_bytes,
-            self.max_label_key_bytes,
-            self.max_label_value_bytes,
-            2 * self.max_labels,
-        )
+        # Each label is a map entry of at least 2 bytes on the wire, so a request
+        # of N bytes carries at most N // 2 labels per task.
+        self._labels_matter = min(self.max_label_key_bytes, self.max_label_value_bytes, 2 * self.max_labels)
         self._waiting: dict[str, int] = {}
 
     # -- request shape: INVALID_ARGUMENT ------------------------------------
@@ -71,32 +68,40 @@ class Limits:
                 f"{what}: {count} is over the limit of {self.max_update_tasks} per request (--max-update-tasks)"
             )
 
-    def check_update(self, request: pb.UpdateRequest, size: int) -> None:
-        """Counts first, then each created task. ``size`` is the request's length in bytes. O(tasks)."""
+    def check_update(self, request: pb.UpdateRequest) -> None:
+        """How many created tasks, deleted refs and predicates: call before converting any. O(1)."""
         self._count("created tasks", len(request.created))
         self._count("deleted refs", len(request.deleted))
         self._count("predicates", len(request.predicates))
-        if size > self._small_request:
-            for i, task in enumerate(request.created):
-                self.check_task(task, f"created[{i}]")
 
-    def check_bulk_set(self, request: pb.BulkSetRequest, size: int) -> None:
-        """The ref count and the prototype, which is copied into every selected task."""
+    def check_specs(self, specs: Sequence[TaskSpec], size: int, field: str = "created") -> None:
+        """Each converted task's payload, group and labels; ``size`` is the request's length. O(tasks)."""
+        max_payload, max_group = self.max_payload_bytes, self.max_group_bytes
+        labels_matter = self._labels_matter
+        if size <= max_payload and size <= max_group and size <= labels_matter:
+            return
+        group_quarter = max_group // 4  # a name of at most this many characters fits in any encoding
+        for i, spec in enumerate(specs):
+            # The labels are part of the payload, so a small payload cannot break a label limit.
+            payload = len(spec.body)
+            if payload > labels_matter:
+                if payload > max_payload:
+                    raise BadRequest(
+                        f"{field}[{i}]: the payload (data, labels, error) is {payload} bytes, over the limit of "
+                        f"{max_payload} (--max-payload-bytes)"
+                    )
+                if spec.labels:
+                    self.check_labels(spec.labels, f"{field}[{i}].labels")
+            if len(spec.group) > group_quarter:
+                self.check_group(spec.group, f"{field}[{i}].group")
+
+    def check_bulk_set(self, request: pb.BulkSetRequest) -> None:
+        """The ref count, and the prototype's group and labels (its payload: :meth:`check_body`)."""
         self._count("refs", len(request.ref))
-        if size > self._small_request:
-            self.check_task(request.prototype, "prototype")
-
-    def check_task(self, task: pb.Task, field: str) -> None:
-        """One task's size, group name and labels."""
-        size = task.ByteSize()
-        if size > self.max_task_bytes:
-            raise BadRequest(
-                f"{field}: the task is {size} bytes, over the limit of {self.max_task_bytes} (--max-task-bytes)"
-            )
-        self.check_group(task.group, f"{field}.group")
-        labels = task.labels
-        if labels:
-            self.check_labels(labels, f"{field}.labels")
+        proto = request.prototype
+        self.check_group(proto.group, "prototype.group")
+        if proto.labels:
+            self.check_labels(tuple(proto.labels.items()), "prototype.labels")
 
     def check_group(self, group: str, field: str) -> None:
         """A group name's length."""
@@ -106,14 +111,15 @@ class Limits:
                 "(--max-group-bytes)"
             )
 
-    def check_labels(self, labels: Mapping[str, str], field: str) -> None:
+    def check_labels(self, labels: Sequence[tuple[str, str]] | Mapping[str, str], field: str) -> None:
         """How many labels, and each key's and value's length."""
-        if len(labels) > self.max_labels:
+        pairs = labels.items() if isinstance(labels, Mapping) else labels
+        if len(pairs) > self.max_labels:
             raise BadRequest(
-                f"{field}: {len(labels)} labels, over the limit of {self.max_labels} per task (--max-labels)"
+                f"{field}: {len(pairs)} labels, over the limit of {self.max_labels} per task (--max-labels)"
             )
         max_key, max_value = self.max_label_key_bytes, self.max_label_value_bytes
-        for key, value in labels.items():
+        for key, value in pairs:
             if len(key) * 4 > max_key and (length := _utf8_len(key)) > max_key:
                 raise BadRequest(
                     f"{field}: a key is {length} bytes, over the limit of {max_key} (--max-label-key-bytes)"
@@ -125,11 +131,11 @@ class Limits:
                 )
 
     def check_body(self, body: bytes, field: str) -> bytes:
-        """A task body built by the server (BulkSet's merge of old task and prototype); returns it."""
-        if len(body) > self.max_task_bytes:
+        """A payload built by the server (BulkSet's merge of old task and prototype); returns it."""
+        if len(body) > self.max_payload_bytes:
             raise BadRequest(
-                f"{field}: the rewritten task would be {len(body)} bytes, over the limit of {self.max_task_bytes} "
-                "(--max-task-bytes)"
+                f"{field}: the payload (data, labels, error) would be {len(body)} bytes, over the limit of "
+                f"{self.max_payload_bytes} (--max-payload-bytes)"
             )
         return body
 

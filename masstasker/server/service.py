@@ -120,8 +120,10 @@ class MassTaskerService:
     async def update(self, data: bytes, context: object) -> bytes:
         """Update: predicates, then deletions, then creations, atomically."""
         request = _parse(pb.UpdateRequest, data)
-        self._limits.check_update(request, len(data))
+        limits = self._limits
+        limits.check_update(request)
         created = [spec_from_pb(task, f"created[{i}]") for i, task in enumerate(request.created)]
+        limits.check_specs(created, len(data))
         ids = self._store.update(created, refs_from_pb(request.deleted), request.predicates)
         return pb.UpdateResponse(created_ids=ids).SerializeToString()
 
@@ -163,7 +165,7 @@ class MassTaskerService:
     async def bulk_set(self, data: bytes, context: object) -> bytes:
         """BulkSet: rewrite every selected task from the prototype's non-zero fields."""
         request = _parse(pb.BulkSetRequest, data)
-        self._limits.check_bulk_set(request, len(data))
+        self._limits.check_bulk_set(request)
         check_body = self._limits.check_body
         proto = request.prototype
         not_before = timestamp_ns(proto.not_before, "prototype.not_before") if proto.HasField("not_before") else None
@@ -179,7 +181,7 @@ class MassTaskerService:
                     task.labels.update(proto.labels)
                 if proto.error:
                     task.error = proto.error
-                return check_body(task.SerializeToString(), "a selected task")
+                return check_body(task.SerializeToString(), "a rewritten task")
 
         count = self._store.bulk_set(
             refs_from_pb(request.ref),
