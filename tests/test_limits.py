@@ -227,6 +227,10 @@ def test_waiting_queries_per_connection_and_in_total(
     # Slots come back when waits end, by a task or by cancellation.
     first.Update(pb.UpdateRequest(created=[pb.Task(group="jobs")]), timeout=TIMEOUT)
     _waiting(server, 2)
+    deadline = time.monotonic() + TIMEOUT
+    while not any(call.done() for call in calls):  # the answer may still be on its way to us
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
     (served,) = [call for call in calls if call.done()]
     assert served.result().task.group == "jobs"
     freed = first if calls.index(served) < 2 else second  # the connection whose slot came back
