@@ -236,7 +236,7 @@ def test_health_turns_not_serving_on_shutdown(make_server: Callable[..., Backgro
     with grpc.insecure_channel(server.target) as channel:
         watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(), timeout=30)
         assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
-        stopper = threading.Thread(target=server.stop, args=(5.0,))
+        stopper = threading.Thread(target=server.stop, args=(1.0,))
         stopper.start()
         try:
             assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING

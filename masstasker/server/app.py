@@ -26,6 +26,7 @@ from masstasker.server.auth import TokenInterceptor, TokenSet
 from masstasker.server.config import Settings, check_security, format_address, parse_address
 from masstasker.server.metrics import GroupStats, RpcMetrics, StoreCollector
 from masstasker.server.metrics_http import start_metrics_http
+from masstasker.server.persistence import Persistence
 from masstasker.server.service import SERVICE_NAME, MassTaskerService
 from masstasker.server.store import Store, TaskSpec
 from masstasker.server.tls import exposure_warnings, server_credentials
@@ -59,6 +60,7 @@ class Server:
         self.settings = settings
         self.http_port: int | None = None
         self.tokens: TokenSet | None = None  # the accepted bearer tokens, when --auth-token-file is set
+        self.persistence: Persistence | None = None
         self._grpc = grpc_server
         self._health = health_servicer
         self._http: Any = None
@@ -81,6 +83,8 @@ class Server:
         if self._http is not None:
             self._http.shutdown()
             self._http.server_close()
+        if self.persistence is not None:
+            await self.persistence.close()
 
     def reload_tokens(self) -> bool:
         """Re-read ``--auth-token-file`` (SIGHUP does this); calls in flight are not affected.
@@ -119,9 +123,14 @@ async def start(settings: Settings, *, clock: Callable[[], int] = time.time_ns) 
     credentials = server_credentials(settings)
     loop = asyncio.get_running_loop()
     store = Store(clock)
+    persistence = None
+    if settings.data_dir:
+        persistence = await Persistence.open(
+            settings.data_dir, store, fsync=settings.fsync, snapshot_min_log_bytes=settings.snapshot_min_log_bytes
+        )
     waiters = Waiters(store, clock)
     registry = CollectorRegistry(auto_describe=False)
-    service = MassTaskerService(store, waiters, settings, RpcMetrics(registry))
+    service = MassTaskerService(store, waiters, settings, RpcMetrics(registry), persistence=persistence)
 
     server = grpc.aio.server(
         # No interceptor at all without tokens: it would cost every call.
@@ -145,14 +154,22 @@ async def start(settings: Settings, *, clock: Callable[[], int] = time.time_ns) 
     try:
         port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     except RuntimeError as exc:
+        if persistence is not None:
+            await persistence.close()
         raise OSError(f"cannot listen on {address}: {exc}") from exc
 
-    if settings.bootstrap_task_group and not store.group_size(settings.bootstrap_task_group):
+    # With a data directory, only its very first start creates the bootstrap
+    # task: after a restart, an empty group means the job consumed it.
+    fresh = persistence is None or persistence.fresh
+    if settings.bootstrap_task_group and fresh and not store.group_size(settings.bootstrap_task_group):
         store.update([TaskSpec(settings.bootstrap_task_group, None)])
         log.info("created the bootstrap task in group %r", settings.bootstrap_task_group)
+    if persistence is not None:
+        await persistence.sync()
 
     running = Server(server, store, waiters, health_servicer, host, port, settings)
     running.tokens = tokens
+    running.persistence = persistence
     await server.start()
     if settings.listen_http:
         http_host, http_port = parse_address(settings.listen_http)
@@ -162,6 +179,8 @@ async def start(settings: Settings, *, clock: Callable[[], int] = time.time_ns) 
             running._http = start_metrics_http(http_host, http_port, registry, metrics_tokens)
         except OSError as exc:
             await server.stop(None)
+            if persistence is not None:
+                await persistence.close()
             raise OSError(f"cannot serve metrics on {settings.listen_http}: {exc}") from exc
         running.http_port = running._http.server_port
         log.info("metrics on http://%s/metrics", format_address(http_host, running.http_port))

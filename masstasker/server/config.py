@@ -38,6 +38,8 @@ DEFAULT_MAX_LABEL_KEY_BYTES = 256
 DEFAULT_MAX_LABEL_VALUE_BYTES = 4096
 DEFAULT_MAX_WAITING_QUERIES = 10_000
 DEFAULT_MAX_WAITING_PER_CONNECTION = 1_000
+DEFAULT_SNAPSHOT_MIN_LOG_BYTES = 64 * 1024 * 1024
+FSYNC_POLICIES = ("always", "batch", "never")
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +70,9 @@ class Settings:
     max_label_value_bytes: int = DEFAULT_MAX_LABEL_VALUE_BYTES
     max_waiting_queries: int = DEFAULT_MAX_WAITING_QUERIES
     max_waiting_per_connection: int = DEFAULT_MAX_WAITING_PER_CONNECTION
+    data_dir: str = ""  # "" keeps everything in memory only
+    fsync: str = "always"  # one of FSYNC_POLICIES
+    snapshot_min_log_bytes: int = DEFAULT_SNAPSHOT_MIN_LOG_BYTES
 
     @property
     def rpc_address(self) -> str:
@@ -126,6 +131,14 @@ def _build_parser(version: str) -> argparse.ArgumentParser:
     add("--shutdown-grace", type=float, default=defaults.shutdown_grace, help="seconds in-flight calls get to finish")
     add("--log-level", default=defaults.log_level, choices=["debug", "info", "warning", "error"])
     add("--log-format", default=defaults.log_format, choices=["text", "json"])
+    add("--data-dir", default="", metavar="DIR", help="keep a write-ahead log and snapshots here; '' = memory only")
+    add("--fsync", default=defaults.fsync, choices=FSYNC_POLICIES, help="when a change counts as durable (see README)")
+    add(
+        "--snapshot-min-log-bytes",
+        type=_positive_int,
+        default=defaults.snapshot_min_log_bytes,
+        help="snapshot once the log exceeds this and twice the state's size",
+    )
     _add_security_flags(parser, defaults)
     add("--version", action="version", version=f"%(prog)s {version}")
     return parser

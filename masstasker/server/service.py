@@ -33,6 +33,7 @@ from masstasker.server.convert import (
 )
 from masstasker.server.limits import LimitExceeded, Limits
 from masstasker.server.metrics import RpcMetrics
+from masstasker.server.persistence import DurabilityLost, Persistence
 from masstasker.server.store import BadRequest, NotFound, PreconditionFailed, Store, StoredTask, labels_tuple
 from masstasker.server.waiters import ShuttingDown, Waiters
 
@@ -51,6 +52,7 @@ _CODES: dict[type[BaseException], grpc.StatusCode] = {
     TimeoutError: grpc.StatusCode.DEADLINE_EXCEEDED,
     ShuttingDown: grpc.StatusCode.UNAVAILABLE,
     LimitExceeded: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    DurabilityLost: grpc.StatusCode.DATA_LOSS,
 }
 
 Handler = Callable[[bytes, grpc.aio.ServicerContext[Any, Any]], Awaitable[bytes]]
@@ -66,8 +68,17 @@ def _parse(message_type: type[M], data: bytes) -> M:
 class MassTaskerService:
     """The four MassTasker RPCs over one store."""
 
-    def __init__(self, store: Store, waiters: Waiters, settings: Settings, metrics: RpcMetrics) -> None:
+    def __init__(
+        self,
+        store: Store,
+        waiters: Waiters,
+        settings: Settings,
+        metrics: RpcMetrics,
+        *,
+        persistence: Persistence | None = None,
+    ) -> None:
         self._store = store
+        self._persistence = persistence
         self._waiters = waiters
         self._settings = settings
         self._metrics = metrics
@@ -77,14 +88,18 @@ class MassTaskerService:
     def handler(self) -> grpc.GenericRpcHandler:  # type: ignore[type-arg]
         """The generic handler to register with a server."""
         methods = {
-            "Update": self._wrap("Update", self.update),
-            "Query": self._wrap("Query", self.query),
-            "BulkSet": self._wrap("BulkSet", self.bulk_set),
-            "Debug": self._wrap("Debug", self.debug),
+            "Update": self._wrap("Update", self._durable(self.update)),
+            "Query": self._wrap("Query", self._durable(self.query)),
+            "BulkSet": self._wrap("BulkSet", self._durable(self.bulk_set)),
+            "Debug": self._wrap("Debug", self._durable(self.debug)),
         }
         return grpc.method_handlers_generic_handler(
             SERVICE_NAME, {name: grpc.unary_unary_rpc_method_handler(fn) for name, fn in methods.items()}
         )
+
+    def _durable(self, fn: Callable[[bytes, Any], Awaitable[bytes]]) -> Callable[[bytes, Any], Awaitable[bytes]]:
+        """With a data directory: answer only once everything committed so far is durable."""
+        return fn if self._persistence is None else self._persistence.acknowledging(fn)
 
     def _wrap(self, method: str, fn: Callable[[bytes, Any], Awaitable[bytes]]) -> Handler:
         """Status-code mapping, metrics and debug logging around one RPC."""

@@ -296,6 +296,38 @@ class Store:
         self._insert(task)
         self._next_id = task.id + 1
 
+    def restore_all(self, tasks: Iterable[StoredTask]) -> None:
+        """Insert many tasks with their own IDs (recovery), IDs in increasing order.
+
+        Each group index is built with one sort instead of one insertion per
+        task: O(n log n) overall, several times faster than :meth:`restore`
+        in a loop. On error the tasks before the bad one are in.
+        """
+        tasks_by_id = self._tasks
+        keys: dict[str, list[int]] = {}
+        next_id = self._next_id
+        try:
+            for task in tasks:
+                task_id = task.id
+                if task_id < next_id or task_id > MAX_ID:
+                    raise BadRequest(f"restored task {task_id} is not above the ID counter {next_id}")
+                next_id = task_id + 1
+                tasks_by_id[task_id] = task
+                group_keys = keys.get(task.group)
+                if group_keys is None:
+                    group_keys = keys[task.group] = []
+                group_keys.append(key_of(task.not_before, task_id))
+                if task.labels:
+                    self._index_labels(task_id, task.labels)
+        finally:
+            self._next_id = next_id
+            for group, new_keys in keys.items():
+                index = self._groups.get(group)
+                if index is None:
+                    self._groups[group] = SortedList(new_keys)
+                else:
+                    index.update(new_keys)
+
     def restore_removal(self, task_id: int) -> None:
         """Remove a task (recovery); missing IDs are an error."""
         if task_id not in self._tasks:
@@ -365,12 +397,16 @@ class Store:
             index = self._groups[task.group] = SortedList()
         index.add(key_of(task.not_before, task.id))
         if task.labels:
-            for pair in task.labels:
-                ids = self._labels.get(pair)
-                if ids is None:
-                    self._labels[pair] = {task.id}
-                else:
-                    ids.add(task.id)
+            self._index_labels(task.id, task.labels)
+
+    def _index_labels(self, task_id: int, labels: tuple[tuple[str, str], ...]) -> None:
+        label_index = self._labels
+        for pair in labels:
+            ids = label_index.get(pair)
+            if ids is None:
+                label_index[pair] = {task_id}
+            else:
+                ids.add(task_id)
 
     def _remove(self, task_id: int) -> None:
         task = self._tasks.pop(task_id)

@@ -1,0 +1,305 @@
+"""The write-ahead log: segment files of change records, written with group commit.
+
+A segment ``wal-<base>.log`` holds the records numbered ``base + 1`` onwards
+(until the next segment's base), after an 8-byte magic and a frame holding
+``base``. A new segment starts at every start of the server and at every
+snapshot, so a segment is only ever appended to by one process, once.
+
+:class:`LogWriter` is driven from the event loop, which alone touches its
+buffer and counters: :meth:`LogWriter.append` only buffers. A single
+writer thread takes everything buffered, writes it, and (per the fsync
+policy) syncs it; while it does, new records pile up in the buffer, and the
+next write takes all of them at once (group commit: one fsync covers every
+record that arrived while the previous one ran). When a write completes,
+the loop advances :attr:`LogWriter.durable` and wakes whoever waits for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import re
+import struct
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from masstasker.server.config import FSYNC_POLICIES
+from masstasker.server.records import BadFrame, CorruptFile, PersistenceError, frame, parse_frame_header
+
+__all__ = [
+    "BATCH_SYNC_INTERVAL",
+    "DurabilityLost",
+    "LogWriter",
+    "create_segment",
+    "fsync_dir",
+    "list_segments",
+    "segment_path",
+]
+
+log = logging.getLogger("masstasker.server.wal")
+
+#: The fsync policies (FSYNC_POLICIES): ``always``: answer after fsync.
+#: ``batch``: answer after the write reaches the OS, fsync at most
+#: BATCH_SYNC_INTERVAL after the write. ``never``: answer after the write,
+#: let the OS flush when it likes.
+BATCH_SYNC_INTERVAL = 0.005  # seconds
+
+SEGMENT_MAGIC = b"MTWAL\x00\x01\n"
+_BASE = struct.Struct("<Q")
+SEGMENT_HEADER_SIZE = len(SEGMENT_MAGIC) + len(frame(_BASE.pack(0)))
+_SEGMENT_NAME = re.compile(r"wal-(\d{20})\.log")
+
+
+class DurabilityLost(Exception):
+    """A write or fsync of the log failed: nothing from then on can be acknowledged."""
+
+
+def segment_path(directory: Path, base: int) -> Path:
+    """Where the segment starting after record ``base`` lives."""
+    return directory / f"wal-{base:020d}.log"
+
+
+def list_segments(directory: Path) -> list[tuple[int, Path]]:
+    """``(base, path)`` of every segment, oldest first."""
+    found = []
+    for path in directory.iterdir():
+        match = _SEGMENT_NAME.fullmatch(path.name)
+        if match:
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def read_segment_base(data: bytes, path: Path) -> int:
+    """The base recorded in a segment header; CorruptFile if it is damaged."""
+    if data[: len(SEGMENT_MAGIC)] != SEGMENT_MAGIC:
+        raise CorruptFile(str(path), 0, "not a MassTasker log segment (bad magic)")
+    try:
+        length, _ = parse_frame_header(data[len(SEGMENT_MAGIC) : len(SEGMENT_MAGIC) + 12])
+        if length != _BASE.size:
+            raise BadFrame(f"header frame of {length} bytes, expected {_BASE.size}")
+        body = data[len(SEGMENT_MAGIC) + 12 : SEGMENT_HEADER_SIZE]
+        if frame(body) != data[len(SEGMENT_MAGIC) : SEGMENT_HEADER_SIZE]:
+            raise BadFrame("header checksum mismatch")
+    except BadFrame as exc:
+        raise CorruptFile(str(path), len(SEGMENT_MAGIC), str(exc)) from None
+    (base,) = _BASE.unpack(body)
+    return int(base)
+
+
+def fsync_dir(directory: Path) -> None:
+    """Make the directory's entries (created, renamed, removed files) durable."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+_datasync = getattr(os, "fdatasync", os.fsync)
+
+
+def create_segment(directory: Path, base: int) -> int:
+    """Create (or empty) segment ``base`` with its header, durably; return an fd open for appending."""
+    path = segment_path(directory, base)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND | getattr(os, "O_CLOEXEC", 0), 0o644)
+    try:
+        _write_all(fd, SEGMENT_MAGIC + frame(_BASE.pack(base)))
+        os.fsync(fd)
+        fsync_dir(directory)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+class _Rotate:
+    """A buffer entry: close the current segment and continue in a new one."""
+
+    __slots__ = ("base", "done")
+
+    def __init__(self, base: int, done: asyncio.Future[None]) -> None:
+        self.base = base
+        self.done = done
+
+
+class LogWriter:
+    """Appends framed records to the current segment; tracks what is durable.
+
+    ``seq`` is the number of the last record appended, ``durable`` the last
+    one the fsync policy counts as safe (synced for ``always``, handed to
+    the OS otherwise). Use from the event loop only, except for the writer
+    thread it owns.
+    """
+
+    def __init__(self, directory: Path, base: int, fd: int, fsync: str) -> None:
+        if fsync not in FSYNC_POLICIES:
+            raise ValueError(f"fsync policy {fsync!r}: choose from {', '.join(FSYNC_POLICIES)}")
+        self.directory = directory
+        self.seq = base
+        self.durable = base
+        self._fd = fd
+        self._always = fsync == "always"
+        self._batch = fsync == "batch"
+        self._loop = asyncio.get_running_loop()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="masstasker-wal")
+        self._buffer: list[bytes | _Rotate] = []
+        self._busy = False  # a write is running or a flush is scheduled
+        self._waiting: deque[tuple[int, asyncio.Future[None]]] = deque()
+        self._unsynced = False  # batch: written since the last fsync
+        self._last_sync = time.monotonic()
+        self._sync_timer: asyncio.TimerHandle | None = None
+        self._failed: BaseException | None = None
+        self._closed = False
+
+    # -- the loop side -------------------------------------------------------
+
+    def append(self, record: bytes) -> None:
+        """Buffer the next record (numbered ``seq + 1``; the caller encoded it so)."""
+        self.seq += 1
+        self._buffer.append(record)
+        if not self._busy:
+            self._busy = True
+            # Not now: let every commit of this loop iteration join the batch.
+            self._loop.call_soon(self._flush)
+
+    def rotate(self, base: int) -> asyncio.Future[None]:
+        """Records after ``base`` go to a new segment; the future resolves once it exists durably."""
+        assert base == self.seq, (base, self.seq)
+        done = self._loop.create_future()
+        self._buffer.append(_Rotate(base, done))
+        if not self._busy:
+            self._busy = True
+            self._loop.call_soon(self._flush)
+        return done
+
+    def wait(self) -> asyncio.Future[None] | None:
+        """None if every appended record is durable, else a future for the current ``seq``."""
+        if self._failed is not None:
+            raise DurabilityLost(f"the write-ahead log failed: {self._failed}") from self._failed
+        seq = self.seq
+        if self.durable >= seq:
+            return None
+        # One future per caller, not shared: a cancelled RPC cancels the future it awaits.
+        future = self._loop.create_future()
+        self._waiting.append((seq, future))
+        return future
+
+    async def close(self) -> None:
+        """Write and sync everything buffered, then close the segment and the thread."""
+        if self._closed:
+            return
+        self._closed = True
+        while self._failed is None and (pending := self.wait()) is not None:
+            await pending
+        if self._sync_timer is not None:  # _finish syncs instead
+            self._sync_timer.cancel()
+        try:
+            # One thread, in order: this runs after any write still in flight.
+            await self._loop.run_in_executor(self._executor, self._finish)
+        finally:
+            self._executor.shutdown(wait=True)
+
+    def _flush(self, force_sync: bool = False) -> None:
+        items = self._buffer
+        if self._failed is not None:  # the file can no longer be trusted: write nothing more
+            self._buffer = []
+            self._busy = False
+            return
+        if not items and not (force_sync and self._unsynced):
+            self._busy = False
+            return
+        self._buffer = []
+        if self._sync_timer is not None:
+            self._sync_timer.cancel()
+            self._sync_timer = None
+        now = time.monotonic()
+        sync = self._always or force_sync or (self._batch and now - self._last_sync >= BATCH_SYNC_INTERVAL)
+        if sync:
+            self._last_sync = now
+        seq = self.seq
+        future = self._loop.run_in_executor(self._executor, self._write, items, sync)
+        future.add_done_callback(lambda f: self._written(f, seq, items, sync))
+
+    def _written(self, future: asyncio.Future[None], seq: int, items: list[bytes | _Rotate], synced: bool) -> None:
+        exc = future.exception()
+        rotations = [item.done for item in items if isinstance(item, _Rotate)]
+        if exc is not None:
+            log.critical("write-ahead log write failed; no further change can be acknowledged: %s", exc)
+            self._failed = exc
+            lost = DurabilityLost(f"the write-ahead log failed: {exc}")
+            for _, waiter in self._waiting:
+                if not waiter.done():
+                    waiter.set_exception(lost)
+            self._waiting.clear()
+            for done in rotations:
+                if not done.done():
+                    done.set_exception(lost)
+            self._busy = False
+            return
+        for done in rotations:
+            if not done.done():
+                done.set_result(None)
+        self.durable = seq
+        if synced:
+            self._unsynced = False
+        elif any(type(item) is bytes for item in items):
+            self._unsynced = True
+        waiting = self._waiting
+        while waiting and waiting[0][0] <= seq:
+            _, waiter = waiting.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+        if self._buffer:
+            self._flush()  # what arrived during the write: the next group
+        elif self._batch and self._unsynced:
+            delay = max(0.0, self._last_sync + BATCH_SYNC_INTERVAL - time.monotonic())
+            self._sync_timer = self._loop.call_later(delay, self._flush, True)
+        else:
+            self._busy = False
+
+    # -- the writer thread ---------------------------------------------------
+
+    def _write(self, items: list[bytes | _Rotate], sync: bool) -> None:
+        chunk: list[bytes] = []
+        for item in items:
+            if isinstance(item, _Rotate):
+                self._write_chunk(chunk)
+                chunk = []
+                os.fsync(self._fd)
+                old, self._fd = self._fd, create_segment(self.directory, item.base)
+                os.close(old)
+            else:
+                chunk.append(item)
+        self._write_chunk(chunk)
+        if sync:
+            _datasync(self._fd)
+
+    def _write_chunk(self, chunk: list[bytes]) -> None:
+        if chunk:
+            _write_all(self._fd, chunk[0] if len(chunk) == 1 else b"".join(chunk))
+
+    def _finish(self) -> None:
+        try:
+            if self._failed is None:
+                os.fsync(self._fd)
+        finally:
+            os.close(self._fd)
+
+
+def check_directory(directory: Path) -> None:
+    """PersistenceError unless ``directory`` is (or can be made) a writable directory."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise PersistenceError(f"cannot create data directory {directory}: {exc}") from exc
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise PersistenceError(f"data directory {directory} is not writable")
