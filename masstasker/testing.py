@@ -13,6 +13,10 @@ fixtures are available in any test without a conftest:
     Make more clients for that server (e.g. ``factory(clock=clock)``, or one per simulated worker).
 ``masstasker_clock``
     A ``FakeClock``: time moves only when the test calls ``advance()``.
+``masstasker_server_settings`` / ``masstasker_client_options``
+    Override these (return a dict) to give ``masstasker_server`` settings such as ``tls_cert``,
+    ``tls_key``, ``tls_client_ca`` or ``auth_token_file``, and every client fixture the matching
+    ``credentials=`` and ``token=``.
 
 The server fixtures need the server's dependencies (``pip install masstasker``); the client fixtures
 need nothing more.
@@ -49,9 +53,11 @@ __all__ = [
     "masstasker_async_client_factory",
     "masstasker_client",
     "masstasker_client_factory",
+    "masstasker_client_options",
     "masstasker_clock",
     "masstasker_server",
     "masstasker_server_process",
+    "masstasker_server_settings",
     "run_server",
     "run_server_process",
 ]
@@ -270,9 +276,28 @@ def run_server_process(*args: str, timeout: float = START_TIMEOUT) -> Iterator[S
 
 
 @pytest.fixture
-def masstasker_server() -> Iterator[BackgroundServer]:
+def masstasker_server_settings() -> dict[str, Any]:
+    """``Settings`` fields for ``masstasker_server`` (none by default). Override it for TLS or tokens::
+
+    @pytest.fixture
+    def masstasker_server_settings(tmp_path):
+        (tmp_path / "tokens").write_text("s3cret")
+        return {"auth_token_file": str(tmp_path / "tokens")}
+    """
+    return {}
+
+
+@pytest.fixture
+def masstasker_client_options() -> dict[str, Any]:
+    """Options every client fixture passes to ``Client``/``AsyncClient`` (none by default), such as
+    ``token=`` or ``credentials=``; options given to a factory call win. Override it with the server's."""
+    return {}
+
+
+@pytest.fixture
+def masstasker_server(masstasker_server_settings: dict[str, Any]) -> Iterator[BackgroundServer]:
     """A fresh in-process MassTasker server for this test; dial ``masstasker_server.target``."""
-    with run_server() as server:
+    with run_server(**masstasker_server_settings) as server:
         yield server
 
 
@@ -290,12 +315,14 @@ def masstasker_clock() -> FakeClock:
 
 
 @pytest.fixture
-def masstasker_client_factory(masstasker_server: BackgroundServer) -> Iterator[Callable[..., Client]]:
+def masstasker_client_factory(
+    masstasker_server: BackgroundServer, masstasker_client_options: dict[str, Any]
+) -> Iterator[Callable[..., Client]]:
     """``factory(**options)`` makes a ``Client`` for ``masstasker_server`` (options as for ``Client``)."""
     clients: list[Client] = []
 
     def make(**options: Any) -> Client:
-        client = Client(masstasker_server.target, **options)
+        client = Client(masstasker_server.target, **{**masstasker_client_options, **options})
         clients.append(client)
         return client
 
@@ -312,14 +339,14 @@ def masstasker_client(masstasker_client_factory: Callable[..., Client]) -> Clien
 
 @pytest.fixture
 def masstasker_async_client_factory(
-    masstasker_server: BackgroundServer,
+    masstasker_server: BackgroundServer, masstasker_client_options: dict[str, Any]
 ) -> Iterator[Callable[..., AsyncClient]]:
     """``factory(**options)`` makes an ``AsyncClient`` for ``masstasker_server``; it connects lazily, in the
     event loop that first uses it, so it works with ``asyncio.run`` as well as with async test plugins."""
     clients: list[AsyncClient] = []
 
     def make(**options: Any) -> AsyncClient:
-        client = AsyncClient(masstasker_server.target, **options)
+        client = AsyncClient(masstasker_server.target, **{**masstasker_client_options, **options})
         clients.append(client)
         return client
 

@@ -33,6 +33,7 @@ from masstasker.client.errors import (
     SavedError,
     StatusError,
     TaskNotFound,
+    Unauthenticated,
     Unavailable,
     is_saved_error,
 )
@@ -65,6 +66,7 @@ __all__ = [
     "SystemClock",
     "Task",
     "TaskNotFound",
+    "Unauthenticated",
     "Unavailable",
     "Update",
     "delete_or_move",

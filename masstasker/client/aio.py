@@ -13,6 +13,7 @@ from grpc import aio
 
 from masstasker._pb import masstasker_pb2 as pb
 from masstasker._pb import masstasker_pb2_grpc as pb_grpc
+from masstasker.client._auth import AsyncBearerInterceptor, resolve_token
 from masstasker.client._core import (
     DEFAULT_HEARTBEAT,
     DEFAULT_OWN_FOR,
@@ -49,6 +50,7 @@ class AsyncClient(ClientBase):
         target: str,
         *,
         credentials: grpc.ChannelCredentials | None = None,
+        token: str | None = None,
         options: Sequence[tuple[str, Any]] = (),
         clock: Clock | None = None,
         query_retry_pause: Seconds = DEFAULT_QUERY_RETRY_PAUSE,
@@ -57,6 +59,9 @@ class AsyncClient(ClientBase):
         """Remember how to dial ``target``; the options are those of ``Client``."""
         self.target = target
         self._credentials = credentials
+        bearer = resolve_token(token)  # now, so a bad MASSTASKER_TOKEN fails here and not at the first call
+        # Typed loosely: the stubs type aio interceptors as a placeholder.
+        self._interceptors: list[Any] | None = [AsyncBearerInterceptor(bearer)] if bearer is not None else None
         self._options = tuple(options)
         self._channel: aio.Channel | None = None
         self._stub: pb_grpc.MassTaskerAsyncStub | None = None
@@ -77,6 +82,7 @@ class AsyncClient(ClientBase):
         client = cls.__new__(cls)
         client.target = ""
         client._credentials = None
+        client._interceptors = None
         client._options = ()
         client._channel = channel
         client._stub = pb_grpc.MassTaskerStub(channel)
@@ -100,8 +106,10 @@ class AsyncClient(ClientBase):
 
     def _make_channel(self) -> aio.Channel:
         if self._credentials is None:
-            return aio.insecure_channel(self.target, options=self._options)
-        return aio.secure_channel(self.target, self._credentials, options=self._options)
+            return aio.insecure_channel(self.target, options=self._options, interceptors=self._interceptors)
+        return aio.secure_channel(
+            self.target, self._credentials, options=self._options, interceptors=self._interceptors
+        )
 
     async def close(self) -> None:
         """Close the channel if this client opened it."""

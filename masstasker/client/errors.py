@@ -11,6 +11,7 @@ Every error the client raises derives from one root, so a worker can catch
     │   ├── ResourceExhausted        RESOURCE_EXHAUSTED: a message over the server's size limit
     │   ├── DeadlineExceeded         DEADLINE_EXCEEDED: the call's timeout passed (also a TimeoutError)
     │   ├── Unavailable              UNAVAILABLE: the server cannot be reached (also a ConnectionError)
+    │   ├── Unauthenticated          UNAUTHENTICATED: no accepted bearer token (also a PermissionError)
     │   └── Cancelled                CANCELLED: the call or the channel was cancelled
     └── LeaseLost                    run_with_lease could not renew: someone else owns the task now
 
@@ -40,6 +41,7 @@ __all__ = [
     "SavedError",
     "StatusError",
     "TaskNotFound",
+    "Unauthenticated",
     "Unavailable",
     "from_rpc_error",
     "is_saved_error",
@@ -87,6 +89,11 @@ class Unavailable(StatusError, ConnectionError):
     """UNAVAILABLE: the server could not be reached."""
 
 
+class Unauthenticated(StatusError, PermissionError):
+    """UNAUTHENTICATED: the server wants a bearer token (``token=`` or ``MASSTASKER_TOKEN``) and got none it
+    accepts. The details say whether it was missing or refused; retrying with the same token will not help."""
+
+
 class Cancelled(StatusError):
     """CANCELLED: the call was cancelled, e.g. because the channel was closed."""
 
@@ -112,6 +119,7 @@ _BY_CODE: dict[grpc.StatusCode, type[StatusError]] = {
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
     grpc.StatusCode.UNAVAILABLE: Unavailable,
     grpc.StatusCode.CANCELLED: Cancelled,
+    grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
 }
 
 

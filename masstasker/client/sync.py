@@ -12,6 +12,7 @@ import grpc
 
 from masstasker._pb import masstasker_pb2 as pb
 from masstasker._pb import masstasker_pb2_grpc as pb_grpc
+from masstasker.client._auth import BearerInterceptor, resolve_token
 from masstasker.client._core import (
     DEFAULT_HEARTBEAT,
     DEFAULT_OWN_FOR,
@@ -36,7 +37,8 @@ T = TypeVar("T")
 class Client(ClientBase):
     """A synchronous MassTasker client that works on ``Task`` objects and keeps their IDs current.
 
-    ``Client("host:port")`` dials an insecure channel (pass ``credentials`` for TLS); ``from_channel``
+    ``Client("host:port")`` dials an insecure channel (pass ``credentials`` for TLS, ``token`` or
+    ``MASSTASKER_TOKEN`` for a server that wants a bearer token); ``from_channel``
     wraps one you made. Use it as a context manager or call ``close()``. ``rpc`` is the raw generated
     stub for anything the high-level methods do not cover (``BulkSet``, ``Debug``).
 
@@ -51,6 +53,7 @@ class Client(ClientBase):
         target: str,
         *,
         credentials: grpc.ChannelCredentials | None = None,
+        token: str | None = None,
         options: Sequence[tuple[str, Any]] = (),
         clock: Clock | None = None,
         query_retry_pause: Seconds = DEFAULT_QUERY_RETRY_PAUSE,
@@ -58,11 +61,17 @@ class Client(ClientBase):
     ) -> None:
         """Dial ``target``. ``clock`` stamps times (default: the system clock); ``query_retry_pause`` is how
         long a waiting ``query`` pauses when a server cannot wait (Go); ``wait_for_ready`` makes calls wait
-        for the server to come up instead of failing with ``Unavailable``."""
+        for the server to come up instead of failing with ``Unavailable``. ``token`` is sent as
+        ``authorization: Bearer <token>`` on every call; None reads ``MASSTASKER_TOKEN``, ``""`` sends none.
+        ``credentials`` come from ``grpc.ssl_channel_credentials`` (add a client key and certificate for
+        a server that requires them)."""
+        bearer = resolve_token(token)
         if credentials is None:
             channel = grpc.insecure_channel(target, options=options)
         else:
             channel = grpc.secure_channel(target, credentials, options=options)
+        if bearer is not None:
+            channel = grpc.intercept_channel(channel, BearerInterceptor(bearer))
         self._setup(channel, owns_channel=True)
         self._configure(clock=clock, query_retry_pause=query_retry_pause, wait_for_ready=wait_for_ready)
 

@@ -47,7 +47,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     log = logging.getLogger("masstasker.server")
     try:
         asyncio.run(serve(settings))
-    except OSError as exc:
+    except (OSError, ValueError) as exc:
         log.error("%s", exc)
         return 1
     return 0

@@ -21,13 +21,15 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer  # what health.aio re-exports; typed this way
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
-from prometheus_client.exposition import start_http_server
 
-from masstasker.server.config import Settings, format_address, parse_address
+from masstasker.server.auth import TokenInterceptor, TokenSet
+from masstasker.server.config import Settings, check_security, format_address, parse_address
 from masstasker.server.metrics import GroupStats, RpcMetrics, StoreCollector
+from masstasker.server.metrics_http import start_metrics_http
 from masstasker.server.persistence import Persistence
 from masstasker.server.service import SERVICE_NAME, MassTaskerService
 from masstasker.server.store import Store, TaskSpec
+from masstasker.server.tls import exposure_warnings, server_credentials
 from masstasker.server.waiters import Waiters
 
 __all__ = ["BackgroundServer", "Server", "serve", "start"]
@@ -57,6 +59,7 @@ class Server:
         self.port = port
         self.settings = settings
         self.http_port: int | None = None
+        self.tokens: TokenSet | None = None  # the accepted bearer tokens, when --auth-token-file is set
         self.persistence: Persistence | None = None
         self._grpc = grpc_server
         self._health = health_servicer
@@ -83,6 +86,16 @@ class Server:
         if self.persistence is not None:
             await self.persistence.close()
 
+    def reload_tokens(self) -> bool:
+        """Re-read ``--auth-token-file`` (SIGHUP does this); calls in flight are not affected.
+
+        Returns False, keeping the current tokens, if the file cannot be used.
+        """
+        if self.tokens is None:
+            log.warning("no --auth-token-file: no tokens to reload")
+            return False
+        return self.tokens.reload()
+
     async def wait_for_termination(self) -> None:
         """Return when the gRPC server has stopped."""
         await self._grpc.wait_for_termination()
@@ -98,7 +111,16 @@ def _group_stats(store: Store, waiters: Waiters, clock: Callable[[], int]) -> Ca
 
 
 async def start(settings: Settings, *, clock: Callable[[], int] = time.time_ns) -> Server:
-    """Build, bind and start a server on the running loop; it is SERVING on return."""
+    """Build, bind and start a server on the running loop; it is SERVING on return.
+
+    Raises OSError when an address, a TLS file or the token file cannot be
+    used, ValueError when the security settings contradict each other.
+    """
+    problem = check_security(settings)
+    if problem:
+        raise ValueError(problem)
+    tokens = TokenSet(settings.auth_token_file) if settings.auth_token_file else None
+    credentials = server_credentials(settings)
     loop = asyncio.get_running_loop()
     store = Store(clock)
     persistence = None
@@ -111,12 +133,14 @@ async def start(settings: Settings, *, clock: Callable[[], int] = time.time_ns) 
     service = MassTaskerService(store, waiters, settings, RpcMetrics(registry), persistence=persistence)
 
     server = grpc.aio.server(
+        # No interceptor at all without tokens: it would cost every call.
+        interceptors=[TokenInterceptor(tokens)] if tokens is not None else None,
         options=[
             ("grpc.max_receive_message_length", settings.max_msg_size),
             ("grpc.max_send_message_length", settings.max_msg_size),
             # Without this, a second server could bind the same port and split the traffic.
             ("grpc.so_reuseport", 0),
-        ]
+        ],
     )
     server.add_generic_rpc_handlers((service.handler(),))
     health_servicer = HealthServicer()
@@ -128,7 +152,7 @@ async def start(settings: Settings, *, clock: Callable[[], int] = time.time_ns) 
     address = settings.rpc_address
     host, _ = parse_address(address)
     try:
-        port = server.add_insecure_port(address)
+        port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     except RuntimeError as exc:
         if persistence is not None:
             await persistence.close()
@@ -144,13 +168,15 @@ async def start(settings: Settings, *, clock: Callable[[], int] = time.time_ns) 
         await persistence.sync()
 
     running = Server(server, store, waiters, health_servicer, host, port, settings)
+    running.tokens = tokens
     running.persistence = persistence
     await server.start()
     if settings.listen_http:
         http_host, http_port = parse_address(settings.listen_http)
         registry.register(StoreCollector(loop, _group_stats(store, waiters, clock)))
         try:
-            running._http, _ = start_http_server(http_port, http_host, registry)
+            metrics_tokens = tokens if settings.metrics_auth else None
+            running._http = start_metrics_http(http_host, http_port, registry, metrics_tokens)
         except OSError as exc:
             await server.stop(None)
             if persistence is not None:
@@ -160,7 +186,14 @@ async def start(settings: Settings, *, clock: Callable[[], int] = time.time_ns) 
         log.info("metrics on http://%s/metrics", format_address(http_host, running.http_port))
     await health_servicer.set("", _SERVING)
     await health_servicer.set(SERVICE_NAME, _SERVING)
+    log.info(
+        "gRPC transport: %s; %s",
+        "mutual TLS" if settings.tls_client_ca else "TLS" if credentials else "plaintext",
+        f"{len(tokens)} bearer token(s) accepted" if tokens is not None else "no token needed",
+    )
     log.info("listening on %s", format_address(host, port))
+    for warning in exposure_warnings(settings, host):
+        log.warning("%s", warning)
     return running
 
 
@@ -171,6 +204,8 @@ async def serve(settings: Settings) -> None:
     stopping = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
+    # Also when there is no token file: SIGHUP's default action would kill the server.
+    loop.add_signal_handler(signal.SIGHUP, server.reload_tokens)
     await stopping.wait()
     log.info("shutting down: %.1f s for in-flight calls", settings.shutdown_grace)
     await server.stop()
@@ -212,6 +247,10 @@ class BackgroundServer:
             return fn(server)
 
         return asyncio.run_coroutine_threadsafe(run(), self._loop).result(_START_TIMEOUT)
+
+    def reload_tokens(self) -> bool:
+        """:meth:`Server.reload_tokens` on the server's loop: what SIGHUP does to a CLI server."""
+        return bool(self.call(lambda server: server.reload_tokens()))
 
     def start(self) -> BackgroundServer:
         """Start the thread and the server; return when it serves."""

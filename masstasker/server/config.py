@@ -17,6 +17,7 @@ __all__ = [
     "DEFAULT_PORT",
     "ENV_PREFIX",
     "Settings",
+    "check_security",
     "parse_address",
     "parse_args",
 ]
@@ -27,6 +28,16 @@ DEFAULT_HTTP = "127.0.0.1:8080"
 DEFAULT_MAX_MSG_SIZE = 4 * 1024 * 1024
 DEFAULT_MAX_QUERY_TASKS = 1000
 DEFAULT_SHUTDOWN_GRACE = 10.0
+# Limits that keep one client from making the server allocate without bound
+# (docs/security.md explains each).
+DEFAULT_MAX_UPDATE_TASKS = 100_000
+DEFAULT_MAX_PAYLOAD_BYTES = 1024 * 1024
+DEFAULT_MAX_GROUP_BYTES = 1024
+DEFAULT_MAX_LABELS = 64
+DEFAULT_MAX_LABEL_KEY_BYTES = 256
+DEFAULT_MAX_LABEL_VALUE_BYTES = 4096
+DEFAULT_MAX_WAITING_QUERIES = 10_000
+DEFAULT_MAX_WAITING_PER_CONNECTION = 1_000
 DEFAULT_SNAPSHOT_MIN_LOG_BYTES = 64 * 1024 * 1024
 FSYNC_POLICIES = ("always", "batch", "never")
 
@@ -45,6 +56,20 @@ class Settings:
     shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE
     log_level: str = "info"
     log_format: str = "text"
+    # Security (docs/security.md): TLS files, accepted tokens, metrics protection.
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_client_ca: str = ""  # set: clients must present a certificate signed by it (mTLS)
+    auth_token_file: str = ""  # set: every non-health RPC needs "authorization: Bearer <token>"
+    metrics_auth: bool = False  # /metrics needs the same bearer token
+    max_update_tasks: int = DEFAULT_MAX_UPDATE_TASKS
+    max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES
+    max_group_bytes: int = DEFAULT_MAX_GROUP_BYTES
+    max_labels: int = DEFAULT_MAX_LABELS
+    max_label_key_bytes: int = DEFAULT_MAX_LABEL_KEY_BYTES
+    max_label_value_bytes: int = DEFAULT_MAX_LABEL_VALUE_BYTES
+    max_waiting_queries: int = DEFAULT_MAX_WAITING_QUERIES
+    max_waiting_per_connection: int = DEFAULT_MAX_WAITING_PER_CONNECTION
     data_dir: str = ""  # "" keeps everything in memory only
     fsync: str = "always"  # one of FSYNC_POLICIES
     snapshot_min_log_bytes: int = DEFAULT_SNAPSHOT_MIN_LOG_BYTES
@@ -79,6 +104,15 @@ def _positive_int(value: str) -> int:
     return number
 
 
+def _boolean(value: str) -> bool:
+    lowered = value.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off", ""):
+        return False
+    raise argparse.ArgumentTypeError(f"{value!r} is not a boolean (true/false)")
+
+
 def _build_parser(version: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="masstasker-server",
@@ -105,8 +139,42 @@ def _build_parser(version: str) -> argparse.ArgumentParser:
         default=defaults.snapshot_min_log_bytes,
         help="snapshot once the log exceeds this and twice the state's size",
     )
+    _add_security_flags(parser, defaults)
     add("--version", action="version", version=f"%(prog)s {version}")
     return parser
+
+
+def _add_security_flags(parser: argparse.ArgumentParser, defaults: Settings) -> None:
+    sec = parser.add_argument_group("security", "TLS, tokens and limits; see docs/security.md")
+    add = sec.add_argument
+    add("--tls-cert", default="", metavar="PEM", help="server certificate chain; with --tls-key turns TLS on")
+    add("--tls-key", default="", metavar="PEM", help="the certificate's private key")
+    add("--tls-client-ca", default="", metavar="PEM", help="require client certificates signed by this CA (mTLS)")
+    add("--auth-token-file", default="", metavar="FILE", help="accepted bearer tokens, one per line; re-read on SIGHUP")
+    add("--metrics-auth", type=_boolean, nargs="?", const=True, default=False, help="/metrics needs the token too")
+    limits = (
+        ("--max-update-tasks", defaults.max_update_tasks, "created tasks, deleted refs or predicates per Update"),
+        ("--max-payload-bytes", defaults.max_payload_bytes, "payload bytes per task: data, labels, error, serialized"),
+        ("--max-group-bytes", defaults.max_group_bytes, "group name length in UTF-8 bytes"),
+        ("--max-labels", defaults.max_labels, "labels per task"),
+        ("--max-label-key-bytes", defaults.max_label_key_bytes, "label key length in UTF-8 bytes"),
+        ("--max-label-value-bytes", defaults.max_label_value_bytes, "label value length in UTF-8 bytes"),
+        ("--max-waiting-queries", defaults.max_waiting_queries, "waiting Queries in total"),
+        ("--max-waiting-per-connection", defaults.max_waiting_per_connection, "waiting Queries per connection"),
+    )
+    for flag, default, what in limits:
+        add(flag, type=_positive_int, default=default, help=f"most {what} (default %(default)s)")
+
+
+def check_security(settings: Settings) -> str | None:
+    """What is wrong with the TLS settings, or None; TLS needs both files, mTLS needs TLS."""
+    if bool(settings.tls_cert) != bool(settings.tls_key):
+        return "--tls-cert and --tls-key go together"
+    if settings.tls_client_ca and not settings.tls_cert:
+        return "--tls-client-ca needs --tls-cert and --tls-key"
+    if settings.metrics_auth and not settings.auth_token_file:
+        return "--metrics-auth needs --auth-token-file"
+    return None
 
 
 def parse_args(argv: Sequence[str] | None, env: Mapping[str, str], version: str) -> Settings:
@@ -135,6 +203,9 @@ def parse_args(argv: Sequence[str] | None, env: Mapping[str, str], version: str)
                 parse_address(value)
             except ValueError as exc:
                 parser.error(f"{name}: {exc}")
+    problem = check_security(settings)
+    if problem:
+        parser.error(problem)
     return settings
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -30,6 +31,7 @@ from masstasker.server.convert import (
     spec_from_pb,
     timestamp_ns,
 )
+from masstasker.server.limits import LimitExceeded, Limits
 from masstasker.server.metrics import RpcMetrics
 from masstasker.server.persistence import DurabilityLost, Persistence
 from masstasker.server.store import BadRequest, NotFound, PreconditionFailed, Store, StoredTask, labels_tuple
@@ -49,6 +51,7 @@ _CODES: dict[type[BaseException], grpc.StatusCode] = {
     BadRequest: grpc.StatusCode.INVALID_ARGUMENT,
     TimeoutError: grpc.StatusCode.DEADLINE_EXCEEDED,
     ShuttingDown: grpc.StatusCode.UNAVAILABLE,
+    LimitExceeded: grpc.StatusCode.RESOURCE_EXHAUSTED,
     DurabilityLost: grpc.StatusCode.DATA_LOSS,
 }
 
@@ -79,6 +82,7 @@ class MassTaskerService:
         self._waiters = waiters
         self._settings = settings
         self._metrics = metrics
+        self._limits = Limits(settings)
         self._clock = time.time_ns
 
     def handler(self) -> grpc.GenericRpcHandler:  # type: ignore[type-arg]
@@ -131,7 +135,10 @@ class MassTaskerService:
     async def update(self, data: bytes, context: object) -> bytes:
         """Update: predicates, then deletions, then creations, atomically."""
         request = _parse(pb.UpdateRequest, data)
+        limits = self._limits
+        limits.check_update(request)
         created = [spec_from_pb(task, f"created[{i}]") for i, task in enumerate(request.created)]
+        limits.check_specs(created, len(data))
         ids = self._store.update(created, refs_from_pb(request.deleted), request.predicates)
         return pb.UpdateResponse(created_ids=ids).SerializeToString()
 
@@ -145,6 +152,8 @@ class MassTaskerService:
         if max_tasks > self._settings.max_query_tasks:
             raise BadRequest(f"max_tasks {max_tasks} is above the server's limit of {self._settings.max_query_tasks}")
         group = request.group
+        limits = self._limits
+        limits.check_group(group, "group")
         store = self._store
         server_now = self._clock()
         now = timestamp_ns(request.now, "now") if request.HasField("now") else server_now
@@ -158,7 +167,8 @@ class MassTaskerService:
         if not tasks:
             if not request.wait:
                 raise NotFound(f"no visible task in group {group!r}")
-            tasks = await self._waiters.wait(group, now - server_now, take, context.time_remaining())
+            with limits.waiting(context.peer(), self._waiters.count):
+                tasks = await self._waiters.wait(group, now - server_now, take, context.time_remaining())
         response = pb.QueryResponse()
         fill_task(response.task, tasks[0])
         if max_tasks > 1:
@@ -170,6 +180,8 @@ class MassTaskerService:
     async def bulk_set(self, data: bytes, context: object) -> bytes:
         """BulkSet: rewrite every selected task from the prototype's non-zero fields."""
         request = _parse(pb.BulkSetRequest, data)
+        self._limits.check_bulk_set(request)
+        check_body = self._limits.check_body
         proto = request.prototype
         not_before = timestamp_ns(proto.not_before, "prototype.not_before") if proto.HasField("not_before") else None
         patch = None
@@ -184,7 +196,7 @@ class MassTaskerService:
                     task.labels.update(proto.labels)
                 if proto.error:
                     task.error = proto.error
-                return task.SerializeToString()
+                return check_body(task.SerializeToString(), "a rewritten task")
 
         count = self._store.bulk_set(
             refs_from_pb(request.ref),
@@ -199,11 +211,13 @@ class MassTaskerService:
         """Debug: a group's tasks in queue order, or all tasks in ID order."""
         request = _parse(pb.DebugRequest, data)
         store = self._store
+        # A uint64 limit can exceed what islice() takes (found by fuzzing: was INTERNAL); no store is that big.
+        limit = min(request.limit, sys.maxsize)
         if request.group:
-            tasks = store.group_tasks(request.group, request.limit)
+            tasks = store.group_tasks(request.group, limit)
             total = store.group_size(request.group)
         else:
-            tasks = store.all_tasks(request.limit)
+            tasks = store.all_tasks(limit)
             total = len(store)
         response = pb.DebugResponse(num_tasks=total)
         add = response.tasks.add

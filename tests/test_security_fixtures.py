@@ -1,0 +1,51 @@
+"""The pytest plugin's fixtures with TLS and a token: override the settings and client-options fixtures."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from pki import make_pki
+
+from masstasker import AsyncClient, Client, Unauthenticated, new_task
+from masstasker.server import BackgroundServer
+
+TOKEN = "fixture-token"
+
+
+@pytest.fixture
+def masstasker_server_settings(tmp_path: Path) -> dict[str, Any]:
+    pki = make_pki(tmp_path)
+    (tmp_path / "tokens").write_text(TOKEN)
+    return {
+        "tls_cert": str(pki.server.cert_path),
+        "tls_key": str(pki.server.key_path),
+        "auth_token_file": str(tmp_path / "tokens"),
+    }
+
+
+@pytest.fixture
+def masstasker_client_options(tmp_path: Path, masstasker_server_settings: dict[str, Any]) -> dict[str, Any]:
+    ca = (tmp_path / "ca.crt").read_bytes()
+    return {"credentials": grpc.ssl_channel_credentials(root_certificates=ca), "token": TOKEN}
+
+
+def test_client_fixture_uses_tls_and_the_token(masstasker_client: Client, masstasker_server: BackgroundServer) -> None:
+    masstasker_client.create(new_task("g"))
+    assert masstasker_server.call(lambda s: len(s.store)) == 1
+    assert masstasker_server.settings.tls_cert
+
+
+def test_factory_options_win(masstasker_client_factory: Any) -> None:
+    with pytest.raises(Unauthenticated):
+        masstasker_client_factory(token="").create(new_task("g"))
+
+
+def test_async_client_fixture_uses_tls_and_the_token(masstasker_async_client: AsyncClient) -> None:
+    async def main() -> None:
+        await masstasker_async_client.create(new_task("g"))
+
+    asyncio.run(main())
