@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 import threading
@@ -23,7 +24,7 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
 from masstasker.server.auth import TokenInterceptor, TokenSet
-from masstasker.server.config import Settings, check_security, format_address, parse_address
+from masstasker.server.config import GC_THRESHOLDS, Settings, check_security, format_address, parse_address
 from masstasker.server.metrics import GroupStats, RpcMetrics, StoreCollector
 from masstasker.server.metrics_http import start_metrics_http
 from masstasker.server.persistence import Persistence
@@ -197,9 +198,25 @@ async def start(settings: Settings, *, clock: Callable[[], int] = time.time_ns) 
     return running
 
 
+def tune_gc() -> None:
+    """Make the cycle collector cheap for a process that holds millions of tasks.
+
+    Stored tasks never form cycles, but CPython's collector still scans every
+    one of them, so with default thresholds loading a million tasks spends a
+    quarter of its time in collections that find nothing. Fewer, larger young
+    collections cut that (create-1000 benchmark: 257k -> 335k tasks/s, p99 208 -> 38 ms) and what
+    was imported at start-up is frozen out of every scan. Process-wide, so only
+    the CLI does it, not an embedding application.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
+
+
 async def serve(settings: Settings) -> None:
     """Run until SIGTERM or SIGINT, then stop gracefully."""
     server = await start(settings)
+    tune_gc()
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -28,7 +28,7 @@ from masstasker.server.convert import (
     duration_ns,
     fill_task,
     refs_from_pb,
-    spec_from_pb,
+    specs_from_pb,
     timestamp_ns,
 )
 from masstasker.server.limits import LimitExceeded, Limits
@@ -137,7 +137,7 @@ class MassTaskerService:
         request = _parse(pb.UpdateRequest, data)
         limits = self._limits
         limits.check_update(request)
-        created = [spec_from_pb(task, f"created[{i}]") for i, task in enumerate(request.created)]
+        created = specs_from_pb(request.created)
         limits.check_specs(created, len(data))
         ids = self._store.update(created, refs_from_pb(request.deleted), request.predicates)
         return pb.UpdateResponse(created_ids=ids).SerializeToString()
