@@ -89,7 +89,7 @@ def spec_from_pb(task: pb.Task) -> TaskSpec:
     group = _intern(task.group)
     task.ClearField("id")
     task.ClearField("group")
-    return _new_spec(  # type: ignore[no-any-return]
+    return _new_spec(
         TaskSpec, (group, not_before, task.SerializeToString(), tuple(sorted(labels.items())) if labels else None)
     )
 
