@@ -25,7 +25,7 @@ from masstasker.server.records import (
     frame,
 )
 from masstasker.server.store import BadRequest, Store, StoredTask
-from masstasker.server.wal import fsync_dir
+from masstasker.server.wal import fsync_dir, numbered_files
 
 __all__ = ["CHUNK_TASKS", "list_snapshots", "load_snapshot", "snapshot_path", "write_snapshot"]
 
@@ -42,12 +42,7 @@ def snapshot_path(directory: Path, seq: int) -> Path:
 
 def list_snapshots(directory: Path) -> list[tuple[int, Path]]:
     """``(seq, path)`` of every complete snapshot, oldest first."""
-    found = []
-    for path in directory.iterdir():
-        match = _SNAPSHOT_NAME.fullmatch(path.name)
-        if match:
-            found.append((int(match.group(1)), path))
-    return sorted(found)
+    return numbered_files(directory, _SNAPSHOT_NAME)
 
 
 def write_snapshot(directory: Path, seq: int, next_id: int, tasks: Sequence[StoredTask]) -> int:

@@ -36,6 +36,7 @@ __all__ = [
     "create_segment",
     "fsync_dir",
     "list_segments",
+    "numbered_files",
     "segment_path",
 ]
 
@@ -64,9 +65,14 @@ def segment_path(directory: Path, base: int) -> Path:
 
 def list_segments(directory: Path) -> list[tuple[int, Path]]:
     """``(base, path)`` of every segment, oldest first."""
+    return numbered_files(directory, _SEGMENT_NAME)
+
+
+def numbered_files(directory: Path, name: re.Pattern[str]) -> list[tuple[int, Path]]:
+    """``(number, path)`` of the files whose whole name matches ``name`` (one number group), in order."""
     found = []
     for path in directory.iterdir():
-        match = _SEGMENT_NAME.fullmatch(path.name)
+        match = name.fullmatch(path.name)
         if match:
             found.append((int(match.group(1)), path))
     return sorted(found)
