@@ -236,7 +236,7 @@ async def _run_waiters(job: dict[str, Any], stop: asyncio.Event) -> dict[str, An
 
     queries = [_Stub(ch).query for ch in channels]
     # Arrive at a bounded rate: a burst of thousands of calls at once is a different
-    # test (see docs/performance.md: part of such a burst fails with CANCELLED).
+    # test (docs/performance.md: it used to lose part of the burst to CANCELLED).
     tasks = []
     step = max(1, round(job["ramp_per_s"] * _RAMP_TICK))
     for i in range(job["concurrency"]):

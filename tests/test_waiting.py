@@ -15,6 +15,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from masstasker._pb import masstasker_pb2 as pb
 from masstasker._pb import masstasker_pb2_grpc as pb_grpc
 from masstasker.server import BackgroundServer
+from masstasker.testing import run_server_process
 
 Code = grpc.StatusCode
 R = TypeVar("R")
@@ -245,3 +246,36 @@ def test_shutdown_releases_waiters_with_unavailable(make_server: Callable[..., B
         await stopping
 
     run(server, body)
+
+
+def test_a_burst_of_waiting_queries_is_held_not_dropped() -> None:
+    """3,000 workers asking at once all wait: gRPC core must not shed the calls grpc.aio has not taken yet.
+
+    With gRPC's default pending-call limits (1,000 soft, 3,000 hard) core drops part of such a burst
+    with CANCELLED before any handler runs; the server raises them to its waiting-Query limit.
+    """
+    count = 3000
+
+    async def burst(target: str) -> None:
+        # Four real connections (channels to one target share one by default): 750 waits each.
+        local = [("grpc.use_local_subchannel_pool", 1)]
+        channels = [grpc.aio.insecure_channel(target, options=local) for _ in range(4)]
+        try:
+            stubs = [pb_grpc.MassTaskerStub(ch) for ch in channels]
+            calls = [
+                stubs[i % 4].Query(pb.QueryRequest(group="g", wait=True, own_for=OWN), timeout=60) for i in range(count)
+            ]
+            waiters = [asyncio.ensure_future(call) for call in calls]
+            await asyncio.sleep(0)  # let every call start before the tasks exist
+            created = await stubs[0].Update(pb.UpdateRequest(created=[pb.Task(group="g")] * count), timeout=60)
+            results = await asyncio.gather(*waiters, return_exceptions=True)
+            failures = [r for r in results if isinstance(r, BaseException)]
+            assert not failures, f"{len(failures)} of {count} failed, e.g. {failures[0]!r}"
+            owned = {r.task.id for r in results}  # type: ignore[union-attr]
+            assert len(owned) == count and min(owned) > max(created.created_ids)
+        finally:
+            for ch in channels:
+                await ch.close()
+
+    with run_server_process() as server:
+        asyncio.run(asyncio.wait_for(burst(server.target), 90))
