@@ -104,6 +104,32 @@ def test_waiter_follows_its_own_clock(server: BackgroundServer) -> None:
     run(server, body)
 
 
+def test_a_waiter_whose_clock_is_behind_does_not_hold_up_the_group(server: BackgroundServer) -> None:
+    """First in line with a clock an hour behind: it cannot see new tasks yet, the waiters after it can."""
+    hour = 3600 * 10**9
+
+    async def body(stub: pb_grpc.MassTaskerStub) -> None:
+        behind = stub.Query(pb.QueryRequest(group="g", wait=True, own_for=OWN, now=ts_ns(time.time_ns() - hour)))
+        skewed = asyncio.ensure_future(behind)
+        await until_waiting(server, 1)
+        prompt = asyncio.ensure_future(stub.Query(pb.QueryRequest(group="g", wait=True, own_for=OWN)))
+        await until_waiting(server, 2)
+        await create(stub, "g", error="now")
+        assert (await prompt).task.error == "now"
+        # A task due in 0.3 s wakes the next prompt waiter by timer, not the skewed one.
+        later = asyncio.ensure_future(stub.Query(pb.QueryRequest(group="g", wait=True, own_for=OWN)))
+        await until_waiting(server, 2)
+        start = time.monotonic()
+        await create(stub, "g", error="soon", not_before=ts_ns(time.time_ns() + 300_000_000))
+        assert (await later).task.error == "soon"
+        assert 0.2 < time.monotonic() - start < 2.0
+        assert not skewed.done(), "the skewed waiter saw a task that is an hour in its future"
+        behind.cancel()
+        await until_waiting(server, 0)
+
+    run(server, body)
+
+
 def test_task_in_another_group_does_not_wake(server: BackgroundServer) -> None:
     async def body(stub: pb_grpc.MassTaskerStub) -> None:
         waiter = asyncio.ensure_future(stub.Query(pb.QueryRequest(group="a", wait=True, own_for=OWN)))

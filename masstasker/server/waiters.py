@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from collections.abc import Callable
+from itertools import islice
 from typing import TypeVar
 
 from masstasker.server.store import Store, StoredTask
@@ -32,6 +33,11 @@ T = TypeVar("T")
 
 # Rebuild a queue once this many departed waiters (cancelled, timed out) sit in it.
 _COMPACT_AFTER = 64
+# Waiters whose request clocks differ by less than this are served strictly in order: one that
+# cannot see a task yet holds the others back by at most this long.
+_SKEW_NS = 10_000_000
+# How far past the front dispatch looks when clocks differ by more.
+_LOOK_AHEAD = 64
 
 
 class ShuttingDown(Exception):
@@ -47,7 +53,7 @@ class _Waiter:
 
 
 class _Group:
-    __slots__ = ("dead", "pending", "queue", "timer", "timer_at")
+    __slots__ = ("dead", "pending", "queue", "skewed", "timer", "timer_at")
 
     def __init__(self) -> None:
         self.queue: deque[_Waiter] = deque()
@@ -55,6 +61,8 @@ class _Group:
         self.dead = 0  # departed waiters still in the queue
         self.timer: asyncio.TimerHandle | None = None
         self.timer_at = 0
+        # Set once waiters with clocks further apart than _SKEW_NS have queued; lasts while the group waits.
+        self.skewed = False
 
 
 class Waiters:
@@ -85,6 +93,8 @@ class Waiters:
             state = self._groups[group] = _Group()
         loop = asyncio.get_running_loop()
         waiter = _Waiter(loop.create_future(), offset)
+        if state.queue and abs(offset - state.queue[0].offset) > _SKEW_NS:
+            state.skewed = True
         state.queue.append(waiter)
         self.count += 1
         try:
@@ -126,20 +136,26 @@ class Waiters:
         queue = state.queue
         store = self._store
         now = self._clock()
-        while queue:
-            waiter = queue[0]
+        # In arrival order. A waiter whose clock is behind may not see a task the others see yet: it
+        # keeps its place, and (only when clocks differ that much) the next few are looked at, so one
+        # client with a skewed clock cannot hold up a whole group.
+        look_ahead = _LOOK_AHEAD if state.skewed else 1
+        i = 0
+        while i < len(queue) and i < look_ahead:
+            waiter = queue[i]
             if waiter.future.done():  # departed
-                queue.popleft()
+                del queue[i]
                 state.dead -= 1
                 continue
             if store.visible_count(group, now + waiter.offset) <= state.pending:
-                break
-            queue.popleft()
+                i += 1
+                continue
+            del queue[i]
             state.pending += 1
             self.wakeups += 1
             waiter.future.set_result(True)
         if queue:
-            self._arm_timer(group, state, now, queue[0].offset)
+            self._arm_timer(group, state, now, look_ahead)
         elif not state.pending:
             if state.timer is not None:
                 state.timer.cancel()
@@ -158,14 +174,20 @@ class Waiters:
             state.queue.clear()
             state.dead = 0
 
-    def _arm_timer(self, group: str, state: _Group, now: int, offset: int) -> None:
-        """Make sure dispatch runs when the front waiter would see the next hidden task."""
+    def _arm_timer(self, group: str, state: _Group, now: int, look_ahead: int) -> None:
+        """Make sure dispatch runs when one of the first waiters would see the next hidden task."""
         store = self._store
-        visible = store.visible_count(group, now + offset)
-        if visible >= store.group_size(group):
-            return  # nothing hidden: only a create or a resuming waiter can help
-        hidden = store.task_at(group, visible)
-        due = hidden.not_before - offset  # on the server clock
+        size = store.group_size(group)
+        due: int | None = None
+        for waiter in islice(state.queue, look_ahead):
+            if waiter.future.done():
+                continue
+            visible = store.visible_count(group, now + waiter.offset)
+            if visible < size:  # else nothing is hidden from it: only a create or a resuming waiter can help
+                seen_at = store.task_at(group, visible).not_before - waiter.offset  # on the server clock
+                due = seen_at if due is None else min(due, seen_at)
+        if due is None:
+            return
         if state.timer is not None:
             if state.timer_at <= due:
                 return
