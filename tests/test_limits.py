@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
 
+from masstasker import Client, new_task
 from masstasker._pb import masstasker_pb2 as pb
 from masstasker._pb import masstasker_pb2_grpc as pb_grpc
+from masstasker._wire import RETRY_AFTER_MS
 from masstasker.server import BackgroundServer
 
 TIMEOUT = 10.0
@@ -246,3 +249,47 @@ def test_waiting_queries_per_connection_and_in_total(
     for call in calls:
         call.cancel()
     _waiting(server, 0)
+
+
+def test_a_full_waiting_limit_tells_when_to_ask_again(
+    make_server: Callable[..., BackgroundServer], stub_for: StubFor
+) -> None:
+    server = make_server(max_waiting_queries=1)
+    stub = stub_for(server)
+    wait = pb.QueryRequest(group="jobs", wait=True)
+    holder = stub.Query.future(wait, timeout=30)
+    _waiting(server, 1)
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Query(wait, timeout=TIMEOUT)
+    assert err.value.code() == EXHAUSTED
+    assert (RETRY_AFTER_MS, "1000") in tuple(err.value.trailing_metadata())  # type: ignore[attr-defined]
+    # A size limit is not something to come back for: no hint there.
+    small = make_server(max_group_bytes=4)
+    with pytest.raises(grpc.RpcError) as err:
+        stub_for(small).Query(pb.QueryRequest(group="too long"), timeout=TIMEOUT)
+    assert err.value.code() == INVALID
+    assert not [k for k, _ in err.value.trailing_metadata() if k == RETRY_AFTER_MS]  # type: ignore[attr-defined]
+    holder.cancel()
+    _waiting(server, 0)
+
+
+def _refusals(server: BackgroundServer) -> float:
+    """Queries the server refused with RESOURCE_EXHAUSTED so far, from its own metrics."""
+    labels = {"method": "Query", "code": "RESOURCE_EXHAUSTED"}
+    return float(server.call(lambda s: s.registry.get_sample_value("masstasker_rpc_requests_total", labels)) or 0)
+
+
+def test_a_waiting_client_query_comes_back_when_the_limit_frees(make_server: Callable[..., BackgroundServer]) -> None:
+    """Client B is refused while A holds the only waiting slot; it retries by itself and gets the second task."""
+    server = make_server(max_waiting_queries=1)
+    with Client(server.target) as first, Client(server.target) as second, ThreadPoolExecutor(2) as pool:
+        a = pool.submit(first.query, "jobs", 60, timeout=30)
+        _waiting(server, 1)
+        b = pool.submit(second.query, "jobs", 60, timeout=30)
+        deadline = time.monotonic() + TIMEOUT
+        while _refusals(server) < 1:  # B has been told to come back at least once
+            assert time.monotonic() < deadline, "the second query was never refused"
+            time.sleep(0.01)
+        first.create(new_task("jobs"), new_task("jobs"))
+        tasks = {a.result(timeout=30).id, b.result(timeout=30).id}
+        assert len(tasks) == 2, "each query got its own task"

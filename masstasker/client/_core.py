@@ -10,6 +10,7 @@ bookkeeping, ID write-back, lease renewal — lives here, with no I/O, the way h
 
 from __future__ import annotations
 
+import random
 import time
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from masstasker.client._time import Clock, Seconds, SystemClock, to_duration, to
 from masstasker.client.errors import (
     DeadlineExceeded,
     LeaseLost,
+    ResourceExhausted,
     TaskNotFound,
     Unavailable,
     is_saved_error,
@@ -141,6 +143,7 @@ def query_flow(
             # 0 keeps the request byte-identical to Go's for the common single-task case.
             max_tasks=max_tasks if max_tasks > 1 else 0,
         )
+        pause = retry_pause
         try:
             response: pb.QueryResponse = yield Call("Query", request, left)
         except TaskNotFound:
@@ -148,6 +151,12 @@ def query_flow(
                 if many:
                     return []
                 raise
+        except ResourceExhausted as exc:
+            if not wait or exc.retry_after is None:
+                raise  # a size limit: asking again cannot help
+            # The server holds as many waiting Queries as it allows. Ask again when it says, spread out
+            # so that thousands of refused workers do not all come back in the same instant.
+            pause = exc.retry_after * random.uniform(0.5, 1.5)
         except DeadlineExceeded:
             left = remaining()
             if not wait or (left is not None and left <= 0):
@@ -158,9 +167,9 @@ def query_flow(
             if not tasks and not many:
                 raise TaskNotFound(grpc.StatusCode.NOT_FOUND, f"the server returned no task for group {group!r}")
             return tasks
-        # Only a waiting query gets here: the server gave up instead of waiting.
+        # Only a waiting query gets here: the server gave up instead of waiting, or asked us to come back.
         left = remaining()
-        yield Pause(retry_pause if left is None else max(0.0, min(retry_pause, left)))
+        yield Pause(pause if left is None else max(0.0, min(pause, left)))
 
 
 def commit_or_move_ops(task: pb.Task, exc: BaseException | None, error_group: str) -> tuple[Op, BaseException | None]:

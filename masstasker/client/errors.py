@@ -8,7 +8,8 @@ Every error the client raises derives from one root, so a worker can catch
     │   ├── TaskNotFound             NOT_FOUND: a deleted ID is gone, or Query found nothing (wait=False)
     │   ├── PreconditionFailed       FAILED_PRECONDITION: a predicate ID is gone (someone changed the task)
     │   ├── InvalidArgument          INVALID_ARGUMENT: the request is malformed
-    │   ├── ResourceExhausted        RESOURCE_EXHAUSTED: a message over the server's size limit
+    │   ├── ResourceExhausted        RESOURCE_EXHAUSTED: a message over a size limit, or the server's
+    │   │                            waiting-Query limits are full (.retry_after says when to ask again)
     │   ├── DeadlineExceeded         DEADLINE_EXCEEDED: the call's timeout passed (also a TimeoutError)
     │   ├── Unavailable              UNAVAILABLE: the server cannot be reached (also a ConnectionError)
     │   ├── Unauthenticated          UNAUTHENTICATED: no accepted bearer token (also a PermissionError)
@@ -29,6 +30,11 @@ from __future__ import annotations
 
 import grpc
 from grpc import aio
+
+from masstasker._wire import RETRY_AFTER_MS
+
+# A hint above this (an hour) is not a hint we follow.
+_MAX_RETRY_AFTER_MS = 3_600_000
 
 __all__ = [
     "Cancelled",
@@ -58,6 +64,9 @@ class StatusError(MassTaskerError):
     """A gRPC call failed with a status; ``code`` and ``details`` come from that status."""
 
     code: grpc.StatusCode
+    #: Seconds the server asked us to wait before trying again, if it said (our server does when its
+    #: waiting-Query limits are full); None otherwise.
+    retry_after: float | None = None
 
     def __init__(self, code: grpc.StatusCode, details: str) -> None:
         super().__init__(f"{code.name}: {details}" if details else code.name)
@@ -78,7 +87,8 @@ class InvalidArgument(StatusError):
 
 
 class ResourceExhausted(StatusError):
-    """RESOURCE_EXHAUSTED: the request or response exceeds a configured limit."""
+    """RESOURCE_EXHAUSTED: the request or response exceeds a configured limit, or the server holds as many
+    waiting Queries as it allows (then ``retry_after`` is set, and a waiting ``query`` retries by itself)."""
 
 
 class DeadlineExceeded(StatusError, TimeoutError):
@@ -136,8 +146,23 @@ def from_rpc_error(error: grpc.RpcError) -> StatusError:
     else:  # an RpcError raised outside a call (rare): keep its text
         details = str(error)
     mapped = _BY_CODE.get(code, StatusError)(code, details)
+    if isinstance(error, grpc.Call | aio.AioRpcError):
+        mapped.retry_after = _retry_after(error.trailing_metadata())
     mapped.__cause__ = error
     return mapped
+
+
+def _retry_after(metadata: object) -> float | None:
+    """The server's retry hint (``masstasker-retry-after-ms``) in seconds, if the trailers carry a valid one."""
+    for item in metadata or ():  # type: ignore[attr-defined]
+        key, value = item
+        if key == RETRY_AFTER_MS:
+            try:
+                millis = int(value)
+            except (TypeError, ValueError):
+                return None
+            return millis / 1000 if 0 <= millis <= _MAX_RETRY_AFTER_MS else None
+    return None
 
 
 class SavedError(Exception):

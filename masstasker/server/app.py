@@ -62,6 +62,7 @@ class Server:
         self.port = port
         self.settings = settings
         self.http_port: int | None = None
+        self.registry: CollectorRegistry | None = None  # this server's metrics, served or not
         self.tokens: TokenSet | None = None  # the accepted bearer tokens, when --auth-token-file is set
         self.persistence: Persistence | None = None
         self._grpc = grpc_server
@@ -184,6 +185,7 @@ async def start(settings: Settings, *, clock: Callable[[], int] = time.time_ns) 
         await persistence.sync()
 
     running = Server(server, store, waiters, health_servicer, host, port, settings)
+    running.registry = registry
     running.tokens = tokens
     running.persistence = persistence
     await server.start()

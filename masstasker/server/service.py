@@ -22,7 +22,8 @@ import grpc
 from google.protobuf.message import DecodeError, Message
 
 from masstasker._pb import masstasker_pb2 as pb
-from masstasker.server.config import Settings
+from masstasker._wire import RETRY_AFTER_MS
+from masstasker.server.config import WAITING_RETRY_AFTER_MS, Settings
 from masstasker.server.convert import (
     check_timestamp_ns,
     duration_ns,
@@ -54,6 +55,8 @@ _CODES: dict[type[BaseException], grpc.StatusCode] = {
     LimitExceeded: grpc.StatusCode.RESOURCE_EXHAUSTED,
     DurabilityLost: grpc.StatusCode.DATA_LOSS,
 }
+
+_RETRY_LATER = ((RETRY_AFTER_MS, str(WAITING_RETRY_AFTER_MS)),)
 
 Handler = Callable[[bytes, grpc.aio.ServicerContext[Any, Any]], Awaitable[bytes]]
 
@@ -124,7 +127,9 @@ class MassTaskerService:
                 observe(code.name, perf_counter() - start)
                 if debug:
                     log.debug("%s -> %s: %s", method, code.name, details)
-                await context.abort(code, details)
+                # A full waiting-Query limit frees up: tell our clients when to ask again.
+                trailing = _RETRY_LATER if type(exc) is LimitExceeded else ()
+                await context.abort(code, details, trailing_metadata=trailing)
             observe("OK", perf_counter() - start)
             if debug:
                 log.debug("%s -> OK (%d bytes)", method, len(response))
