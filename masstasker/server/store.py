@@ -190,13 +190,6 @@ class Store:
             return 0
         return int(index.bisect_left(key_of(now + 1, 0)))
 
-    def head(self, group: str) -> StoredTask | None:
-        """The task with the smallest ``(not_before, id)``, visible or not. O(log n)."""
-        index = self._groups.get(group)
-        if not index:
-            return None
-        return self._tasks[index[0] & _ID_MASK]
-
     def task_at(self, group: str, position: int) -> StoredTask:
         """The task at this position of the group's ``(not_before, id)`` order. O(log n)."""
         return self._tasks[self._groups[group][position] & _ID_MASK]
@@ -302,19 +295,12 @@ class Store:
         new_ids = self._commit(doomed, specs)
         return [tasks[i] for i in new_ids]
 
-    def restore(self, task: StoredTask) -> None:
-        """Insert a task with its own ID (recovery); IDs must come in increasing order."""
-        if task.id < self._next_id or task.id > MAX_ID:
-            raise BadRequest(f"restored task {task.id} is not above the ID counter {self._next_id}")
-        self._insert(task.id, task)
-        self._next_id = task.id + 1
-
     def restore_all(self, tasks: Iterable[StoredTask]) -> None:
         """Insert many tasks with their own IDs (recovery), IDs in increasing order.
 
         Each group index is built with one sort instead of one insertion per
-        task: O(n log n) overall, several times faster than :meth:`restore`
-        in a loop. On error the tasks before the bad one are in.
+        task: O(n log n) overall, several times faster than inserting one by
+        one. On error the tasks before the bad one are in.
         """
         tasks_by_id = self._tasks
         keys: dict[str, list[int]] = {}
