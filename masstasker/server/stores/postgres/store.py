@@ -106,6 +106,7 @@ class PostgresStore:
         self._down: str | None = None  # why the database is unreachable, while it is
         self._compactor: asyncio.Task[None] | None = None
         self.schema_version: schema.SchemaVersion | None = None
+        self.retries = 0  # transactions retried after a deadlock or serialization failure, ever
         #: Called with False when the database is lost and True when it is back (health).
         self.on_availability: list[Callable[[bool], Coroutine[Any, Any, None]]] = []
 
@@ -183,6 +184,7 @@ class PostgresStore:
                 async with self._pool.connection() as conn:
                     return await op(conn)
             except (errors.SerializationFailure, errors.DeadlockDetected):
+                self.retries += 1
                 if attempt == _RETRIES - 1:
                     raise StoreUnavailable(f"{_STORE}: still conflicting after {_RETRIES} attempts") from None
                 # Back off a little, at random, so the two sides do not collide again.
