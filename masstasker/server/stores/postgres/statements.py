@@ -31,8 +31,8 @@ __all__ = ["Statements", "render"]
 # tasks_queue: equality on grp, range on (nb_s, nb_ns) read in index order, stops after LIMIT.
 PEEK_HEAD = """
 SELECT id, nb_s, nb_ns, body FROM {schema}.tasks
-WHERE grp = %(grp)s AND (nb_s, nb_ns) <= (%(now_s)s::int8, %(now_ns)s::int4)
-ORDER BY grp, nb_s, nb_ns, id LIMIT %(n)s
+WHERE grp = %(grp)b AND (nb_s, nb_ns) <= (%(now_s)b::int8, %(now_ns)b::int4)
+ORDER BY grp, nb_s, nb_ns, id LIMIT %(n)b
 """
 
 # tasks_queue, as PEEK_HEAD; rows another transaction holds are skipped, never waited for, so two
@@ -42,15 +42,15 @@ ORDER BY grp, nb_s, nb_ns, id LIMIT %(n)s
 OWN_HEAD = """
 WITH head AS (
     SELECT id FROM {schema}.tasks
-    WHERE grp = %(grp)s AND (nb_s, nb_ns) <= (%(now_s)s::int8, %(now_ns)s::int4)
-    ORDER BY grp, nb_s, nb_ns, id LIMIT %(n)s
+    WHERE grp = %(grp)b AND (nb_s, nb_ns) <= (%(now_s)b::int8, %(now_ns)b::int4)
+    ORDER BY grp, nb_s, nb_ns, id LIMIT %(n)b
     FOR UPDATE SKIP LOCKED
 ), gone AS (
     DELETE FROM {schema}.tasks t USING head WHERE t.id = head.id
     RETURNING t.id, t.nb_s, t.nb_ns, t.body, t.labels
 )
 INSERT INTO {schema}.tasks (id, grp, nb_s, nb_ns, body, labels)
-SELECT nextval('{schema}.task_ids'), %(grp)s, %(until_s)s::int8, %(until_ns)s::int4, body, labels
+SELECT nextval('{schema}.task_ids'), %(grp)b, %(until_s)b::int8, %(until_ns)b::int4, body, labels
 FROM gone ORDER BY nb_s, nb_ns, id
 RETURNING id, body
 """
@@ -58,7 +58,7 @@ RETURNING id, body
 # tasks_queue: the first task of the group that is not visible yet (for a waiter's timer).
 NEXT_HIDDEN = """
 SELECT nb_s, nb_ns FROM {schema}.tasks
-WHERE grp = %(grp)s AND (nb_s, nb_ns) > (%(now_s)s::int8, %(now_ns)s::int4)
+WHERE grp = %(grp)b AND (nb_s, nb_ns) > (%(now_s)b::int8, %(now_ns)b::int4)
 ORDER BY grp, nb_s, nb_ns, id LIMIT 1
 """
 
@@ -67,14 +67,14 @@ ORDER BY grp, nb_s, nb_ns, id LIMIT 1
 # tasks_pkey. KEY SHARE blocks a concurrent DELETE of these rows until we commit, and lets
 # other readers and predicate holders through.
 LOCK_PREDICATES = """
-SELECT id FROM {schema}.tasks WHERE id = ANY(%(ids)s::int8[]) FOR KEY SHARE
+SELECT id FROM {schema}.tasks WHERE id = ANY(%(ids)b::int8[]) FOR KEY SHARE
 """
 
 # tasks_pkey. Each statement that changes a group's size records the change in group_counts in
 # the same statement (so in the same transaction), one row per group.
 DELETE_BY_IDS = """
 WITH gone AS (
-    DELETE FROM {schema}.tasks WHERE id = ANY(%(ids)s::int8[]) RETURNING id, grp
+    DELETE FROM {schema}.tasks WHERE id = ANY(%(ids)b::int8[]) RETURNING id, grp
 ), counted AS (
     INSERT INTO {schema}.group_counts (grp, n) SELECT grp, -count(*) FROM gone GROUP BY grp
 )
@@ -84,7 +84,7 @@ SELECT id FROM gone
 # tasks_queue (leading column grp).
 DELETE_BY_GROUPS = """
 WITH gone AS (
-    DELETE FROM {schema}.tasks WHERE grp = ANY(%(groups)s::bytea[]) RETURNING id, grp
+    DELETE FROM {schema}.tasks WHERE grp = ANY(%(groups)b::bytea[]) RETURNING id, grp
 ), counted AS (
     INSERT INTO {schema}.group_counts (grp, n) SELECT grp, -count(*) FROM gone GROUP BY grp
 )
@@ -94,7 +94,7 @@ SELECT id FROM gone
 # tasks_labels (GIN, partial: the labels IS NOT NULL term lets the planner use it).
 DELETE_BY_LABELS = """
 WITH gone AS (
-    DELETE FROM {schema}.tasks WHERE labels IS NOT NULL AND labels @> %(labels)s::text[] RETURNING id, grp
+    DELETE FROM {schema}.tasks WHERE labels IS NOT NULL AND labels @> %(labels)b::text[] RETURNING id, grp
 ), counted AS (
     INSERT INTO {schema}.group_counts (grp, n) SELECT grp, -count(*) FROM gone GROUP BY grp
 )
@@ -105,7 +105,7 @@ SELECT id FROM gone
 # tasks_pkey.
 TAKE_BY_IDS = """
 WITH gone AS (
-    DELETE FROM {schema}.tasks WHERE id = ANY(%(ids)s::int8[]) RETURNING *
+    DELETE FROM {schema}.tasks WHERE id = ANY(%(ids)b::int8[]) RETURNING *
 ), counted AS (
     INSERT INTO {schema}.group_counts (grp, n) SELECT grp, -count(*) FROM gone GROUP BY grp
 )
@@ -115,7 +115,7 @@ SELECT id, grp, nb_s, nb_ns, body, labels FROM gone
 # tasks_queue (leading column grp).
 TAKE_BY_GROUPS = """
 WITH gone AS (
-    DELETE FROM {schema}.tasks WHERE grp = ANY(%(groups)s::bytea[]) RETURNING *
+    DELETE FROM {schema}.tasks WHERE grp = ANY(%(groups)b::bytea[]) RETURNING *
 ), counted AS (
     INSERT INTO {schema}.group_counts (grp, n) SELECT grp, -count(*) FROM gone GROUP BY grp
 )
@@ -125,7 +125,7 @@ SELECT id, grp, nb_s, nb_ns, body, labels FROM gone
 # tasks_labels.
 TAKE_BY_LABELS = """
 WITH gone AS (
-    DELETE FROM {schema}.tasks WHERE labels IS NOT NULL AND labels @> %(labels)s::text[] RETURNING *
+    DELETE FROM {schema}.tasks WHERE labels IS NOT NULL AND labels @> %(labels)b::text[] RETURNING *
 ), counted AS (
     INSERT INTO {schema}.group_counts (grp, n) SELECT grp, -count(*) FROM gone GROUP BY grp
 )
@@ -139,7 +139,7 @@ INSERT_TASKS = """
 WITH new AS (
     INSERT INTO {schema}.tasks (id, grp, nb_s, nb_ns, body, labels)
     SELECT nextval('{schema}.task_ids'), g, s, ns, b, string_to_array(l, ' ')
-    FROM unnest(%(groups)s::bytea[], %(nb_s)s::int8[], %(nb_ns)s::int4[], %(bodies)s::bytea[], %(labels)s::text[])
+    FROM unnest(%(groups)b::bytea[], %(nb_s)b::int8[], %(nb_ns)b::int4[], %(bodies)b::bytea[], %(labels)b::text[])
         WITH ORDINALITY AS u(g, s, ns, b, l, ord)
     ORDER BY ord
     RETURNING id, grp
@@ -151,25 +151,25 @@ SELECT id FROM new
 
 # No table: one notification per distinct group, sent when the transaction commits.
 NOTIFY_GROUPS = """
-SELECT pg_notify(%(channel)s, g) FROM unnest(%(groups)s::text[]) AS g
+SELECT pg_notify(%(channel)b, g) FROM unnest(%(groups)b::text[]) AS g
 """
 
 # -- Debug and metrics --------------------------------------------------------------
 
 # tasks_queue, in order; LIMIT NULL reads the whole group.
 DEBUG_GROUP = """
-SELECT id, nb_s, nb_ns, body FROM {schema}.tasks WHERE grp = %(grp)s
-ORDER BY grp, nb_s, nb_ns, id LIMIT %(limit)s
+SELECT id, nb_s, nb_ns, body FROM {schema}.tasks WHERE grp = %(grp)b
+ORDER BY grp, nb_s, nb_ns, id LIMIT %(limit)b
 """
 
 # tasks_pkey, in order.
 DEBUG_ALL = """
-SELECT id, grp, nb_s, nb_ns, body FROM {schema}.tasks ORDER BY id LIMIT %(limit)s
+SELECT id, grp, nb_s, nb_ns, body FROM {schema}.tasks ORDER BY id LIMIT %(limit)b
 """
 
 # group_counts: small (compacted) and unindexed; a sequential scan of it.
 GROUP_SIZE = """
-SELECT coalesce(sum(n), 0)::int8 FROM {schema}.group_counts WHERE grp = %(grp)s
+SELECT coalesce(sum(n), 0)::int8 FROM {schema}.group_counts WHERE grp = %(grp)b
 """
 
 # group_counts, as GROUP_SIZE.
@@ -182,9 +182,9 @@ SELECT grp, sum(n)::int8 FROM {schema}.group_counts GROUP BY grp HAVING sum(n) <
 HIDDEN_COUNTS = """
 SELECT g, (
     SELECT count(*) FROM {schema}.tasks
-    WHERE grp = g AND (nb_s, nb_ns) > (%(now_s)s::int8, %(now_ns)s::int4)
+    WHERE grp = g AND (nb_s, nb_ns) > (%(now_s)b::int8, %(now_ns)b::int4)
 )::int8
-FROM unnest(%(groups)s::bytea[]) AS g
+FROM unnest(%(groups)b::bytea[]) AS g
 """
 
 # group_counts: fold every delta row into one row per group. Safe to run concurrently from
