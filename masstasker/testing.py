@@ -75,12 +75,17 @@ class FakeClock:
     Pass it as ``Client(..., clock=clock)``: the client stamps task times and query times from it (and the
     server follows the request's time), and ``run_with_lease``'s heartbeat waits on it. So a test fires a
     heartbeat by ``clock.wait_for_sleepers()`` (the heartbeat is waiting) then ``clock.advance(heartbeat)``
-    — no real sleeping, no guessing how long is enough. Thread-safe; ``advance`` may be called from any
-    thread or event loop.
+    — no real sleeping, no guessing how long is enough. A waiting ``query`` follows it too: ``advance()``
+    makes every client on this clock re-ask its waiting queries at the new time (``on_advance``), so a
+    lease that the advance made expire is handed out at once. Thread-safe; ``advance`` may be called from
+    any thread or event loop.
     """
 
     def __init__(self, start: datetime | None = None) -> None:
-        """Start at ``start`` (UTC; default: the real time now, so tasks made by real clocks interleave)."""
+        """Start at ``start`` (timezone-aware; default: the real time now, so tasks made by real clocks
+        interleave). A naive ``start`` is refused, as everywhere in the client: it could mean any zone."""
+        if start is not None and (start.tzinfo is None or start.utcoffset() is None):
+            raise ValueError(f"start must be a timezone-aware datetime, got the naive {start.isoformat()}")
         self._now = (start or datetime.now(UTC)).astimezone(UTC)
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)  # sleeper count changed
@@ -89,6 +94,7 @@ class FakeClock:
         self._conds: dict[int, tuple[datetime, threading.Condition]] = {}
         self._futures: dict[int, tuple[datetime, asyncio.AbstractEventLoop, asyncio.Future[None]]] = {}
         self._next_key = 0
+        self._listeners: dict[int, Callable[[], None]] = {}
 
     def now(self) -> datetime:
         """The fake time."""
@@ -101,6 +107,7 @@ class FakeClock:
         with self._lock:
             self._now += step
             now = self._now
+            listeners = list(self._listeners.values())
             conds = [cond for deadline, cond in self._conds.values() if deadline <= now]
             self._conds = {key: entry for key, entry in self._conds.items() if entry[0] > now}
             due = [(key, loop, fut) for key, (deadline, loop, fut) in self._futures.items() if deadline <= now]
@@ -115,7 +122,23 @@ class FakeClock:
         for _, loop, fut in due:
             with contextlib.suppress(RuntimeError):  # that loop is closed: nobody is waiting any more
                 loop.call_soon_threadsafe(_resolve, fut)
+        if step:
+            for listener in listeners:
+                listener()
         return now
+
+    def on_advance(self, callback: Callable[[], None]) -> Callable[[], None]:
+        """Call ``callback()`` after every ``advance()`` that moves the clock, until the returned function is
+        called. Clients use it to re-ask a waiting query at the new time (``AdvancingClock``)."""
+        with self._lock:
+            key = self._register_locked()
+            self._listeners[key] = callback
+
+        def remove() -> None:
+            with self._lock:
+                self._listeners.pop(key, None)
+
+        return remove
 
     @property
     def sleepers(self) -> int:

@@ -153,7 +153,7 @@ def test_a_config_change_makes_a_stale_commit_fail(connect: Connect, debug: Any)
     admin, worker = connect(), connect()
     config = new_task("config", pb.Test(foo="v1"))
     admin.create(config, new_task("work"))
-    seen_config = worker.query("config")  # read, not owned
+    seen_config = worker.peek("config")  # read, not owned
     assert seen_config.id == config.id
     work = worker.query("work", 30)
     pack_data(config, pb.Test(foo="v2"))
@@ -162,7 +162,7 @@ def test_a_config_change_makes_a_stale_commit_fail(connect: Connect, debug: Any)
         worker.do(Pred(seen_config), Delete(work))
     assert raised.value.code is grpc.StatusCode.FAILED_PRECONDITION
     assert ids(debug("work")) == [work.id]
-    seen_config = worker.query("config")
+    seen_config = worker.peek("config")
     assert unpack_data(seen_config, pb.Test).foo == "v2"
     worker.do(Pred(seen_config), Delete(work))
     assert debug("work") == []
@@ -173,12 +173,12 @@ def test_query_peeks_or_leases_and_a_lease_hides_the_task_until_it_expires(conne
     client = connect(clock=clock)
     task = new_task("g")
     client.create(task)
-    assert client.query("g") == task  # a peek changes nothing
+    assert client.peek("g") == task  # a peek changes nothing
     owned = client.query("g", timedelta(seconds=30))
     assert owned.id > task.id
     assert owned.not_before.ToDatetime(tzinfo=UTC) == T0 + timedelta(seconds=30)
     with pytest.raises(TaskNotFound):
-        client.query("g", wait=False)
+        client.peek("g", wait=False)
     with pytest.raises(TaskNotFound):
         client.delete(task)  # the pre-lease ID is dead
     clock.advance(31)
@@ -204,10 +204,10 @@ def test_a_waiting_query_returns_when_a_task_is_created(connect: Connect) -> Non
 def test_a_waiting_query_gives_up_at_its_timeout(connect: Connect) -> None:
     client = connect()
     with pytest.raises(DeadlineExceeded) as raised:
-        client.query("empty", timeout=0.2)
+        client.query("empty", 30, timeout=0.2)
     assert isinstance(raised.value, TimeoutError)
     with pytest.raises(TaskNotFound):
-        client.query("empty", wait=False)
+        client.query("empty", 30, wait=False)
 
 
 def test_query_many_leases_several_tasks_at_once(connect: Connect) -> None:
@@ -218,9 +218,9 @@ def test_query_many_leases_several_tasks_at_once(connect: Connect) -> None:
     assert [unpack_data(t, pb.Test).foo for t in owned] == ["0", "1", "2"]
     assert all(t.not_before.ToDatetime(tzinfo=UTC) == T0 + timedelta(seconds=30) for t in owned)
     assert all(t.id > tasks[-1].id for t in owned)
-    rest = client.query_many("g", 10, wait=False)
+    rest = client.peek_many("g", 10, wait=False)
     assert ids(rest) == ids(tasks[3:])
-    assert client.query_many("empty", 4, wait=False) == []
+    assert client.query_many("empty", 4, 30, wait=False) == []
 
 
 def test_the_convenience_methods(connect: Connect, debug: Any) -> None:
@@ -258,7 +258,7 @@ def test_commit_or_move_deletes_parks_or_disowns_and_reraises(connect: Connect, 
     assert [(t.id, t.error) for t in debug("errors")] == [(bad.id, "cannot parse")]
     assert debug("work") == [flaky]
     assert flaky.not_before.ToDatetime(tzinfo=UTC) == T0  # disowned: visible again at once
-    assert client.query("work", wait=False) == flaky
+    assert client.peek("work", wait=False) == flaky
 
 
 def test_delete_or_move_commits_by_outcome(connect: Connect, debug: Any) -> None:
@@ -289,7 +289,7 @@ def test_the_barrier_pattern_records_every_contribution_exactly_once(connect: Co
         start.wait(CALL_TIMEOUT)  # all at once, so they really race
         for item in range(items_each):
             for attempt in range(1000):  # bounded: a livelock fails the test instead of hanging it
-                state = client.query("barrier")
+                state = client.peek("barrier")
                 parts = [p for p in unpack_data(state, pb.Test).foo.split(",") if p]
                 pack_data(state, pb.Test(foo=",".join([*parts, f"{worker}.{item}"])))
                 try:
@@ -313,7 +313,7 @@ def test_the_barrier_pattern_records_every_contribution_exactly_once(connect: Co
     for thread in threads:
         thread.join(CALL_TIMEOUT)
     assert not errors, errors
-    final = unpack_data(setup.query("barrier"), pb.Test).foo.split(",")
+    final = unpack_data(setup.peek("barrier"), pb.Test).foo.split(",")
     assert sorted(final) == sorted(f"{w}.{i}" for w in range(workers) for i in range(items_each))
     assert len(retries) == workers * items_each
 
@@ -325,7 +325,7 @@ def test_the_barrier_pattern_with_asyncio_workers(masstasker_server: Any) -> Non
 
             async def contribute(worker: int) -> None:
                 for _ in range(1000):  # bounded: a livelock fails the test instead of hanging it
-                    state = await client.query("barrier")
+                    state = await client.peek("barrier")
                     parts = [p for p in unpack_data(state, pb.Test).foo.split(",") if p]
                     pack_data(state, pb.Test(foo=",".join([*parts, str(worker)])))
                     try:
@@ -336,7 +336,7 @@ def test_the_barrier_pattern_with_asyncio_workers(masstasker_server: Any) -> Non
                 raise AssertionError(f"worker {worker} starved")
 
             await asyncio.gather(*(contribute(w) for w in range(20)))
-            return unpack_data(await client.query("barrier"), pb.Test).foo.split(",")
+            return unpack_data(await client.peek("barrier"), pb.Test).foo.split(",")
 
     assert sorted(asyncio.run(main()), key=int) == [str(w) for w in range(20)]
 
@@ -461,11 +461,11 @@ def test_retrying_a_server_that_cannot_wait_honours_the_timeout(
     target, go = go_server
     client = connect(target=target, query_retry_pause=0.02)
     with pytest.raises(DeadlineExceeded):
-        client.query("empty", timeout=0.3)
+        client.query("empty", 30, timeout=0.3)
     assert go.queries >= 2
     go.queries = 0
     with pytest.raises(TaskNotFound):  # not waiting: no retry
-        client.query("empty", wait=False)
+        client.query("empty", 30, wait=False)
     assert go.queries == 1
 
 
@@ -476,4 +476,4 @@ def test_query_many_against_a_server_that_ignores_max_tasks(
     client = connect(target=go_server[0])
     got = client.query_many("g", 3, 30)
     assert [unpack_data(t, pb.Test).foo for t in got] == ["0"]
-    assert client.query_many("empty", 3, wait=False) == []
+    assert client.query_many("empty", 3, 30, wait=False) == []

@@ -76,7 +76,7 @@ def test_client_with_and_without_token(auth_server: BackgroundServer) -> None:
     with Client(auth_server.target, token=TOKEN) as client:
         task = new_task("g")
         client.create(task)
-        assert client.query("g", wait=False).id == task.id
+        assert client.peek("g", wait=False).id == task.id
         # The raw stub goes through the same channel, so it carries the token too.
         assert client.rpc.Debug(pb.DebugRequest(), timeout=10).num_tasks == 1
 
@@ -131,7 +131,7 @@ def test_async_client_with_and_without_token(auth_server: BackgroundServer, monk
         async with AsyncClient(auth_server.target, token=TOKEN) as client:
             task = new_task("g")
             await client.create(task)
-            assert (await client.query("g", wait=False)).id == task.id
+            assert (await client.peek("g", wait=False)).id == task.id
             assert (await client.rpc.Debug(pb.DebugRequest(), timeout=10)).num_tasks == 1
         monkeypatch.setenv(TOKEN_ENV, TOKEN)
         async with AsyncClient(auth_server.target) as from_env:
@@ -156,7 +156,7 @@ def test_async_client_over_mtls_with_token(
     async def main() -> None:
         async with AsyncClient(server.target, credentials=credentials, token=TOKEN) as client:
             await client.create(new_task("g"))
-            assert (await client.query("g", wait=False)).group == "g"
+            assert (await client.peek("g", wait=False)).group == "g"
 
     asyncio.run(main())
 

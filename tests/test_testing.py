@@ -141,7 +141,7 @@ def test_client_factory_fixtures_take_options(
     assert task.not_before.ToDatetime(tzinfo=UTC) == masstasker_clock.now()
     async_client = masstasker_async_client_factory(clock=masstasker_clock)
     assert async_client.clock is masstasker_clock
-    assert asyncio.run(async_client.query("g")) == task
+    assert asyncio.run(async_client.peek("g")) == task
 
 
 def test_server_process_fixture_serves_end_to_end(masstasker_server_process: Any) -> None:
@@ -191,4 +191,4 @@ def test_the_readme_worker_loop_does_what_it_says(masstasker_client: Client, mas
     assert [unpack_data(t, pb.Test).foo for t in done] == ["1764"]
     errors = masstasker_client.rpc.Debug(pb.DebugRequest(group="errors")).tasks
     assert [t.error for t in errors] == ["invalid literal for int() with base 10: 'forty-two'"]
-    assert masstasker_client.query_many("work", 10, wait=False) == []
+    assert masstasker_client.peek_many("work", 10, wait=False) == []
