@@ -112,7 +112,7 @@ class Call:
     the server times the wait from that ``now``, so it would otherwise follow real time."""
 
 
-class ClockAdvanced(Exception):  # noqa: N818  # a signal between driver and flow, not an error
+class ClockAdvanced(Exception):  # a signal between driver and flow, not an error
     """Thrown into a query flow when its clock moved while a waiting Query was in flight: ask again now."""
 
 

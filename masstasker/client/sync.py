@@ -39,10 +39,10 @@ T = TypeVar("T")
 class Client(ClientBase):
     """A synchronous MassTasker client that works on ``Task`` objects and keeps their IDs current.
 
-    ``Client("host:port")`` dials an insecure channel (``Client()`` dials ``$MASSTASKER_TARGET``) (pass ``credentials`` for TLS, ``token`` or
-    ``MASSTASKER_TOKEN`` for a server that wants a bearer token); ``from_channel``
-    wraps one you made. Use it as a context manager or call ``close()``. ``rpc`` is the raw generated
-    stub for anything the high-level methods do not cover (``BulkSet``, ``Debug``).
+    ``Client("host:port")`` dials an insecure channel (``Client()`` dials ``$MASSTASKER_TARGET``); pass
+    ``credentials`` for TLS, ``token`` or ``MASSTASKER_TOKEN`` for a server that wants a bearer token.
+    ``from_channel`` wraps a channel you made. Use it as a context manager or call ``close()``. ``rpc`` is
+    the raw generated stub for anything the high-level methods do not cover (``BulkSet``, ``Debug``).
 
     Every method is safe to call from several threads at once.
     """
