@@ -10,32 +10,25 @@ logged: :func:`masked` is the only form of the DSN that goes to a log.
 from __future__ import annotations
 
 import hashlib
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from psycopg import conninfo
 
-__all__ = ["DEFAULT_POOL_SIZE", "DEFAULT_SCHEMA", "PgOptions", "is_postgres_dsn", "masked"]
+from masstasker.server.config import DEFAULT_STORE_POOL_SIZE, DEFAULT_STORE_SCHEMA
 
-DEFAULT_SCHEMA = "masstasker"
+__all__ = ["DEFAULT_POOL_SIZE", "DEFAULT_SCHEMA", "PgOptions", "masked"]
+
+DEFAULT_SCHEMA = DEFAULT_STORE_SCHEMA
 # Enough for a lease cycle's two statements from many workers at once on a small machine; every
 # server opens this many, so N servers hold N times this many PostgreSQL backends.
-DEFAULT_POOL_SIZE = 10
+DEFAULT_POOL_SIZE = DEFAULT_STORE_POOL_SIZE
 # A statement that takes longer fails (UNAVAILABLE) rather than holding a worker past its deadline.
 DEFAULT_STATEMENT_TIMEOUT = 5.0
 # How often waiting Queries look again without a notification (a lost one never strands a waiter).
 DEFAULT_POLL_INTERVAL = 1.0
 # Without notifications (a pooler in transaction mode), look more often.
 POLL_ONLY_INTERVAL = 0.25
-
-_URI = re.compile(r"^postgres(ql)?://", re.IGNORECASE)
-_KEY_VALUE = re.compile(r"^\s*[A-Za-z_]+\s*=")
-
-
-def is_postgres_dsn(value: str) -> bool:
-    """True for a libpq URI or a key=value DSN."""
-    return bool(_URI.match(value) or _KEY_VALUE.match(value))
 
 
 @dataclass(frozen=True, slots=True)
