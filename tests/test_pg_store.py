@@ -395,7 +395,7 @@ def test_a_waiter_on_one_store_is_woken_by_a_create_on_another(postgresql_dsn: s
     async def scenario() -> None:
         async with opened(postgresql_dsn, postgresql_schema) as a, opened(postgresql_dsn, postgresql_schema) as b:
             # A poll interval far above the deadline: only the notification can wake it in time.
-            a.waiters._poll_interval = 3600
+            a.waiters.poll_interval = 3600
             waiting = asyncio.create_task(a.wait("w", 0, 60 * SECOND, 1, 30.0))
             await eventually(lambda: asyncio.sleep(0, a.waiters.count == 1), "the waiter to wait")
             start = time.monotonic()
@@ -410,7 +410,7 @@ def test_a_waiter_on_one_store_is_woken_by_a_create_on_another(postgresql_dsn: s
 def test_a_waiter_wakes_when_not_before_arrives(postgresql_dsn: str, postgresql_schema: str) -> None:
     async def scenario() -> None:
         async with opened(postgresql_dsn, postgresql_schema) as store:
-            store.waiters._poll_interval = 3600
+            store.waiters.poll_interval = 3600
             due = time.time_ns() + SECOND // 2
             await store.update([TaskSpec("later", due, b"", None)])
             (task,) = await store.wait("later", 0, 0, 1, 30.0)

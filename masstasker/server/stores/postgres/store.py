@@ -166,6 +166,7 @@ class PostgresStore:
         await self._pool.check()
         self._down = None
         self.waiters.reopen()
+        self.waiters.signal(None)  # notifications sent while we were away are lost: everyone looks
         for callback in self.on_availability:
             await callback(True)
 
@@ -235,25 +236,32 @@ class PostgresStore:
         grp = group_bytes(group)
         n = max(max_tasks, 1)
 
-        async def take(now: int) -> list[StoredTask]:
+        async def take(now: int) -> tuple[list[StoredTask], bool]:
             if own_for <= 0:
-                return await self.query(group, now, 0, n)
+                # A peek leaves the task where it is: the next waiter sees it too.
+                tasks = await self.query(group, now, 0, n)
+                return tasks, bool(tasks)
             until = now + own_for
             now_s, now_ns = split_ns(now)
             until_s, until_ns = split_ns(until)
             params = {"grp": grp, "now_s": now_s, "now_ns": now_ns, "n": n, "until_s": until_s, "until_ns": until_ns}
 
-            async def own(conn: Conn) -> list[StoredTask]:
-                # An explicit transaction: if the waiter's call is cancelled before it commits,
-                # the lease rolls back and the task stays for the next waiter.
+            async def own(conn: Conn) -> tuple[list[StoredTask], bool]:
+                # An explicit transaction: if the waiter's call is cancelled before it commits, the
+                # lease rolls back and the task stays for the next waiter. The peek after the lease
+                # (same round trip) tells whether the next waiter should look too.
                 async with conn.pipeline(), conn.transaction():
                     cur = await conn.execute(self._sql.own_head, params)
+                    behind = await conn.execute(
+                        self._sql.peek_head, {"grp": grp, "now_s": now_s, "now_ns": now_ns, "n": 1}
+                    )
                     rows = sorted(await cur.fetchall())
-                return [StoredTask(i, group, until, b, None) for i, b in rows]
+                    more = bool(await behind.fetchall())
+                return [StoredTask(i, group, until, b, None) for i, b in rows], more
 
             return await self._run(own)
 
-        async def next_hidden(group: str, now: int) -> int | None:
+        async def next_hidden(now: int) -> int | None:
             now_s, now_ns = split_ns(now)
 
             async def read(conn: Conn) -> int | None:
