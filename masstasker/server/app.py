@@ -25,9 +25,9 @@ from prometheus_client import CollectorRegistry
 
 from masstasker.server.auth import TokenInterceptor, TokenSet
 from masstasker.server.config import GC_THRESHOLDS, Settings, check_security, format_address, parse_address
+from masstasker.server.durability import Persistence
 from masstasker.server.metrics import GroupStats, RpcMetrics, StoreCollector
 from masstasker.server.metrics_http import start_metrics_http
-from masstasker.server.persistence import Persistence
 from masstasker.server.service import SERVICE_NAME, MassTaskerService
 from masstasker.server.store import Store, TaskSpec
 from masstasker.server.tls import exposure_warnings, server_credentials
