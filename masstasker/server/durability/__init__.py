@@ -20,7 +20,14 @@ The modules, from the bytes up:
 ``persistence``
     :class:`~.persistence.Persistence`, what the server holds: opens and
     recovers the directory, holds every answer until what it may reveal is
-    durable, takes snapshots.
+    durable, takes snapshots, and tells the server when durability is lost.
+``metrics``
+    The Prometheus metrics: fsync latency, snapshot duration, log bytes
+    since the last snapshot, and the durability state.
+
+A failed log write or fsync is final for the process: health goes
+NOT_SERVING, every call fails, and the CLI server exits with status 1 so
+that a supervisor restarts it and recovery runs (docs/durability.md).
 
 The data directory holds::
 

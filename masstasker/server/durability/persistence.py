@@ -25,13 +25,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from prometheus_client import CollectorRegistry
+
 from masstasker.server.durability.files import (
+    PersistenceError,
     check_directory,
     create_segment,
     fsync_dir,
     list_segments,
     lock_directory,
 )
+from masstasker.server.durability.metrics import DurabilityMetrics
 from masstasker.server.durability.records import encode_change
 from masstasker.server.durability.recovery import Recovered, recover
 from masstasker.server.durability.snapshot import list_snapshots, write_snapshot
@@ -83,6 +87,9 @@ class Persistence:
         self._snapshot_task: asyncio.Task[SnapshotStats | None] | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="masstasker-snapshot")
         self._closed = False
+        self._metrics: DurabilityMetrics | None = None
+        self._lost: asyncio.Future[BaseException] = asyncio.get_running_loop().create_future()
+        wal.on_failure = self._on_failure
         store.listeners.append(self._on_change)
 
     @classmethod
@@ -115,7 +122,14 @@ class Persistence:
                 recovered.snapshot_seq,
                 recovered.log_records,
             )
-            wal = LogWriter(path, recovered.seq, create_segment(path, recovered.seq), fsync)
+            try:
+                fd = create_segment(path, recovered.seq)
+            except OSError as exc:
+                raise PersistenceError(
+                    f"recovered {path}, but cannot start a new log segment there: {exc} "
+                    "(is the disk full? free space, then start again: nothing acknowledged is lost)"
+                ) from exc
+            wal = LogWriter(path, recovered.seq, fd, fsync)
         except BaseException:
             os.close(lock_fd)
             raise
@@ -125,6 +139,24 @@ class Persistence:
     def fresh(self) -> bool:
         """The directory held no committed change when the server started (bootstrap tasks go here)."""
         return self.recovered.fresh
+
+    @property
+    def failure(self) -> BaseException | None:
+        """Why durability was lost (a failed log write or fsync), or None while it holds."""
+        return self._wal.failure
+
+    async def lost(self) -> BaseException:
+        """Wait until durability is lost (it never comes back in this process); return why."""
+        return await asyncio.shield(self._lost)
+
+    def _on_failure(self, exc: BaseException) -> None:
+        if not self._lost.done():
+            self._lost.set_result(exc)
+
+    def register_metrics(self, registry: CollectorRegistry) -> None:
+        """Export fsync latency, snapshot duration, log bytes since the snapshot and the state on ``registry``."""
+        self._metrics = DurabilityMetrics(registry, lambda: (self._wal.failure, self._log_bytes))
+        self._wal.observe_sync = self._metrics.fsync_seconds.observe
 
     def _check(self) -> None:
         """Assert the invariants of the log writer and the snapshot trigger (tests call this on the loop)."""
@@ -163,17 +195,31 @@ class Persistence:
         record = encode_change(wal.seq + 1, removed, created)
         wal.append(record)
         self._log_bytes += len(record)
-        if self._log_bytes >= self._check_at and self._snapshot_task is None and not self._closed:
+        if (
+            self._log_bytes >= self._check_at
+            and self._snapshot_task is None
+            and not self._closed
+            and wal.failure is None
+        ):
             threshold = max(self._min_log_bytes, int(SNAPSHOT_LOG_RATIO * len(self._store) * self._task_bytes))
             if self._log_bytes >= threshold:
                 self._snapshot_task = asyncio.get_running_loop().create_task(self._snapshot())
             else:
                 self._check_at = threshold
 
+    def _may_snapshot(self) -> bool:
+        # Not after durability was lost: a snapshot then would make changes durable that were refused.
+        return not self._closed and self._wal.failure is None
+
     async def snapshot(self) -> SnapshotStats | None:
-        """Write a snapshot now (after any one in progress); None if it failed (the log is kept)."""
+        """Write a snapshot now (after any one in progress); None if it failed (the log is kept).
+
+        None at once after durability was lost: a snapshot then would write state never acknowledged.
+        """
         while self._snapshot_task is not None:
             await asyncio.shield(self._snapshot_task)
+        if self._wal.failure is not None:
+            return None
         self._snapshot_task = asyncio.get_running_loop().create_task(self._snapshot())
         return await asyncio.shield(self._snapshot_task)
 
@@ -206,6 +252,8 @@ class Persistence:
             stats = SnapshotStats(seq, len(tasks), size, captured - started, written - captured)
             if tasks:
                 self._task_bytes = size / len(tasks)
+            if self._metrics is not None:
+                self._metrics.snapshot_seconds.observe(written - started)
             log.info(
                 "snapshot at record %d: %d tasks, %d bytes; loop paused %.1f ms, written in %.2f s",
                 seq,

@@ -11,6 +11,13 @@ policy) syncs it; while it does, new records pile up in the buffer, and the
 next write takes all of them at once (group commit: one fsync covers every
 record that arrived while the previous one ran). When a write completes,
 the loop advances :attr:`LogWriter.durable` and wakes whoever waits for it.
+
+A failed write or fsync is final: the writer never writes to or syncs that
+file again (after a failed fsync Linux may have dropped the dirty pages and
+report the next fsync as a success), fails everyone waiting, and tells
+:attr:`LogWriter.on_failure`. The server then stops serving and exits so
+that recovery, which reads only what is really in the files, runs again
+(docs/durability.md).
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import logging
 import os
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -82,6 +90,15 @@ class LogWriter:
         self._sync_timer: asyncio.TimerHandle | None = None
         self._failed: BaseException | None = None
         self._closed = False
+        #: Called on the loop, once, when a write or fsync fails.
+        self.on_failure: Callable[[BaseException], None] | None = None
+        #: Called in the writer thread with the seconds each successful fsync of the log took.
+        self.observe_sync: Callable[[float], None] | None = None
+
+    @property
+    def failure(self) -> BaseException | None:
+        """The error that ended the log (None while it works); nothing is acknowledged after one."""
+        return self._failed
 
     def _check(self) -> None:
         """Assert the invariants of the counters and queues (tests call this on the loop)."""
@@ -172,7 +189,12 @@ class LogWriter:
         exc = future.exception()
         rotations = [item.done for item in items if isinstance(item, _Rotate)]
         if exc is not None:
-            log.critical("write-ahead log write failed; no further change can be acknowledged: %s", exc)
+            log.critical(
+                "durability lost: a write-ahead log write or fsync failed (%s); records after %d are not durable, "
+                "no further change can be acknowledged, and the failed file is never synced again",
+                exc,
+                self.durable,
+            )
             self._failed = exc
             lost = DurabilityLost(f"the write-ahead log failed: {exc}")
             for _, waiter in self._waiting:
@@ -183,6 +205,8 @@ class LogWriter:
                 if not done.done():
                     done.set_exception(lost)
             self._busy = False
+            if self.on_failure is not None:
+                self.on_failure(exc)
             return
         for done in rotations:
             if not done.done():
@@ -213,14 +237,21 @@ class LogWriter:
             if isinstance(item, _Rotate):
                 self._write_chunk(chunk)
                 chunk = []
-                os.fsync(self._fd)
+                self._sync(os.fsync)
                 old, self._fd = self._fd, create_segment(self.directory, item.base)
                 os.close(old)
             else:
                 chunk.append(item)
         self._write_chunk(chunk)
         if sync:
-            _datasync(self._fd)
+            self._sync(_datasync)
+
+    def _sync(self, sync: Callable[[int], None]) -> None:
+        started = time.perf_counter()
+        sync(self._fd)
+        observe = self.observe_sync
+        if observe is not None:
+            observe(time.perf_counter() - started)
 
     def _write_chunk(self, chunk: list[bytes]) -> None:
         if chunk:
