@@ -234,15 +234,16 @@ async def _not_serving_once_durability_is_lost(persistence: Persistence, health_
     log.critical("health is NOT_SERVING: durability lost (%s)", failure)
 
 
-async def _stop_requested_or_durability_lost(stopping: asyncio.Event, persistence: Persistence | None) -> None:
-    waits: list[asyncio.Future[Any]] = [asyncio.ensure_future(stopping.wait())]
-    if persistence is not None:
-        waits.append(asyncio.ensure_future(persistence.lost()))
+async def _stop_requested_or_durability_lost(stopping: asyncio.Event, server: Server) -> None:
+    # The watch task, not the bare loss: once it is done, health already says NOT_SERVING and why.
+    stop_requested = asyncio.ensure_future(stopping.wait())
+    waits: list[asyncio.Future[Any]] = [stop_requested]
+    if server._durability_watch is not None:
+        waits.append(server._durability_watch)
     try:
         await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
     finally:
-        for waiting in waits:
-            waiting.cancel()
+        stop_requested.cancel()
 
 
 def tune_gc() -> None:
@@ -270,7 +271,7 @@ async def serve(settings: Settings) -> None:
         loop.add_signal_handler(sig, stopping.set)
     # Also when there is no token file: SIGHUP's default action would kill the server.
     loop.add_signal_handler(signal.SIGHUP, server.reload_tokens)
-    await _stop_requested_or_durability_lost(stopping, server.persistence)
+    await _stop_requested_or_durability_lost(stopping, server)
     failure = server.persistence.failure if server.persistence is not None else None
     if failure is not None:
         log.critical(
