@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import grpc
 import pytest
@@ -101,6 +103,23 @@ def test_one_clock_for_the_store_and_queries() -> None:
         assert stub.Query(pb.QueryRequest(group="g")).task.id == task_id
         owned = stub.Query(pb.QueryRequest(group="g", own_for=dur(60))).task
         assert owned.not_before.ToNanoseconds() > time.time_ns() + hour + 59 * 10**9, "leased on the server's clock"
+
+
+def test_a_failed_start_releases_what_it_had_started(tmp_path: Path) -> None:
+    """Metrics cannot bind after the data directory was opened: the start fails and gives the directory back."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = f"127.0.0.1:{taken.getsockname()[1]}"
+        failed = BackgroundServer(Settings(port=0, listen_http=busy, data_dir=str(tmp_path)))
+        try:
+            with pytest.raises(OSError, match="cannot serve metrics"):
+                failed.start()
+        finally:
+            failed.stop()
+    # The directory's lock was released: another server can use it.
+    with BackgroundServer(Settings(port=0, listen_http="", data_dir=str(tmp_path))) as server:
+        assert server.call(lambda s: s.persistence is not None)
 
 
 def test_predicate_is_checked_before_delete(stub: pb_grpc.MassTaskerStub) -> None:

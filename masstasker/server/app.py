@@ -179,11 +179,19 @@ def _bootstrap(settings: Settings, store: Store, persistence: Persistence | None
 
 
 def _serve_metrics(
-    settings: Settings, registry: CollectorRegistry, tokens: TokenSet | None, cleanup: AsyncExitStack
+    settings: Settings,
+    registry: CollectorRegistry,
+    group_stats: Callable[[], tuple[GroupStats, int, int]],
+    tokens: TokenSet | None,
+    cleanup: AsyncExitStack,
 ) -> WSGIServer | None:
-    """With ``--listen-http``: serve /metrics (behind the token with ``--metrics-auth``) from a thread."""
+    """With ``--listen-http``: serve /metrics (behind the token with ``--metrics-auth``) from a thread.
+
+    The per-group gauges are registered only then: nobody else reads them.
+    """
     if not settings.listen_http:
         return None
+    registry.register(StoreCollector(asyncio.get_running_loop(), group_stats))
     host, port = parse_address(settings.listen_http)
     try:
         http = start_metrics_http(host, port, registry, tokens if settings.metrics_auth else None)
@@ -224,9 +232,7 @@ async def start(settings: Settings, *, clock: Callable[[], int] = time.time_ns) 
             await persistence.sync()
         await grpc_server.start()
         cleanup.push_async_callback(grpc_server.stop, None)
-        if settings.listen_http:
-            registry.register(StoreCollector(asyncio.get_running_loop(), _group_stats(store, waiters, clock)))
-        http = _serve_metrics(settings, registry, tokens, cleanup)
+        http = _serve_metrics(settings, registry, _group_stats(store, waiters, clock), tokens, cleanup)
         server = Server(
             grpc_server=grpc_server,
             health=health_servicer,

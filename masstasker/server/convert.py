@@ -2,7 +2,9 @@
 
 Everything that can reject a request for its shape lives here and raises
 :class:`~masstasker.server.store.BadRequest` with a message naming the field
-and the rule.
+and the rule; the server's configurable limits on sizes and counts are
+:mod:`~masstasker.server.limits`'. What leaves here is valid input for any
+store: times in range, label pairs sorted, no empty selector.
 """
 
 from __future__ import annotations
