@@ -85,8 +85,8 @@ def check_timestamp_ns(value: int, field: str) -> int:
 
 
 _intern = sys.intern
-# Builds a TaskSpec straight from its fields: NamedTuple's generated __new__ is
-# Python code, and this runs once per created task (the create-1000 benchmark).
+# Builds a TaskSpec or QuerySpec straight from its fields: NamedTuple's generated __new__
+# is Python code, and this runs once per created task (the create-1000 benchmark) or Query.
 _new_spec = tuple.__new__
 
 
@@ -166,7 +166,7 @@ def query_from_pb(request: pb.QueryRequest) -> QuerySpec:
     if own_for < 0:
         raise BadRequest(f"own_for must not be negative (got {own_for} ns)")
     now = timestamp_ns(request.now, "now") if request.HasField("now") else None
-    return QuerySpec(request.group, now, own_for, request.max_tasks, request.wait)
+    return _new_spec(QuerySpec, (request.group, now, own_for, request.max_tasks, request.wait))
 
 
 def fill_task(out: pb.Task, task: StoredTask) -> None:
