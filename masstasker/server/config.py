@@ -142,7 +142,12 @@ def _build_parser(version: str) -> argparse.ArgumentParser:
     add("--log-level", default=defaults.log_level, choices=["debug", "info", "warning", "error"])
     add("--log-format", default=defaults.log_format, choices=["text", "json"])
     add("--data-dir", default="", metavar="DIR", help="keep a write-ahead log and snapshots here; '' = memory only")
-    add("--fsync", default=defaults.fsync, choices=FSYNC_POLICIES, help="when a change counts as durable (see docs/durability.md)")
+    add(
+        "--fsync",
+        default=defaults.fsync,
+        choices=FSYNC_POLICIES,
+        help="when a change counts as durable (see docs/durability.md)",
+    )
     add(
         "--snapshot-min-log-bytes",
         type=_positive_int,
