@@ -76,7 +76,7 @@ class Waiters:
         self._clock = clock
         self._groups: dict[str, _Group] = {}
         self._closed = False
-        self.count = 0  # waiting calls, for metrics and limits
+        self.count = 0  # waiting calls, for metrics
         self.wakeups = 0  # waiters woken by dispatch, ever (tests check there is no thundering herd)
         store.listeners.append(self._on_change)
 
@@ -222,7 +222,7 @@ class Waiters:
             self.dispatch(group)
 
     def _check(self) -> None:
-        """Assert every invariant; the tests call this once the server is quiet.
+        """Assert every invariant; they hold between any two steps of the event loop, where tests call this.
 
         Every group kept has a queued waiter, a woken one that has not resumed,
         or a timer; ``pending`` is never negative; ``dead`` counts the departed
