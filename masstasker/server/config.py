@@ -146,7 +146,7 @@ def _build_parser(version: str) -> argparse.ArgumentParser:
         "--fsync",
         default=defaults.fsync,
         choices=FSYNC_POLICIES,
-        help="when a change counts as durable (see docs/durability.md)",
+        help="when a change counts as durable (docs/durability.md)",
     )
     add(
         "--snapshot-min-log-bytes",
