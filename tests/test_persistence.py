@@ -26,7 +26,7 @@ from masstasker.server.durability import writer as wal_module
 from masstasker.server.durability.files import SEGMENT_HEADER_SIZE, FrameReader, list_segments
 from masstasker.server.durability.records import encode_change
 from masstasker.server.durability.snapshot import list_snapshots
-from masstasker.server.store import StoredTask
+from masstasker.server.stores.memory.store import StoredTask
 
 NANOS = 1_000_000_000
 REPO = Path(__file__).resolve().parent.parent

@@ -19,7 +19,8 @@ import pytest
 
 psycopg = pytest.importorskip("psycopg")
 
-from masstasker.server.store import (  # noqa: E402
+from masstasker.server.stores.base import StoreUnavailable  # noqa: E402
+from masstasker.server.stores.memory.store import (  # noqa: E402
     GroupRef,
     IdRef,
     LabelRef,
@@ -27,7 +28,6 @@ from masstasker.server.store import (  # noqa: E402
     PreconditionFailed,
     TaskSpec,
 )
-from masstasker.server.stores.base import StoreUnavailable  # noqa: E402
 from masstasker.server.stores.postgres import schema  # noqa: E402
 from masstasker.server.stores.postgres.options import PgOptions, masked  # noqa: E402
 from masstasker.server.stores.postgres.statements import render  # noqa: E402

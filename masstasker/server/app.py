@@ -32,9 +32,9 @@ from masstasker.server.durability import Persistence, PersistenceError
 from masstasker.server.metrics import GroupStats, RpcMetrics, StoreCollector
 from masstasker.server.metrics_http import start_metrics_http
 from masstasker.server.service import SERVICE_NAME, MassTaskerService
-from masstasker.server.store import Store, TaskSpec
+from masstasker.server.stores.memory.store import Store, TaskSpec
+from masstasker.server.stores.memory.waiters import Waiters
 from masstasker.server.tls import exposure_warnings, server_credentials
-from masstasker.server.waiters import Waiters
 
 __all__ = ["GC_THRESHOLDS", "BackgroundServer", "Server", "serve", "start", "tune_gc"]
 

@@ -36,8 +36,8 @@ from masstasker.server.convert import (
 from masstasker.server.durability import DurabilityLost, Persistence
 from masstasker.server.limits import Limits
 from masstasker.server.metrics import RpcMetrics
-from masstasker.server.store import BadRequest, NotFound, PreconditionFailed, Store, StoredTask
-from masstasker.server.waiters import ShuttingDown, Waiters
+from masstasker.server.stores.memory.store import BadRequest, NotFound, PreconditionFailed, Store, StoredTask
+from masstasker.server.stores.memory.waiters import ShuttingDown, Waiters
 
 __all__ = ["SERVICE_NAME", "MassTaskerService"]
 

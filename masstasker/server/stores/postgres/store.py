@@ -22,7 +22,8 @@ import psycopg
 import psycopg_pool
 from psycopg import errors
 
-from masstasker.server.store import (
+from masstasker.server.stores.base import StoreUnavailable
+from masstasker.server.stores.memory.store import (
     BadRequest,
     GroupRef,
     IdRef,
@@ -33,7 +34,6 @@ from masstasker.server.store import (
     StoredTask,
     TaskSpec,
 )
-from masstasker.server.stores.base import StoreUnavailable
 from masstasker.server.stores.postgres import schema
 from masstasker.server.stores.postgres.codec import (
     group_bytes,

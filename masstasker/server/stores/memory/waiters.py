@@ -25,7 +25,7 @@ from collections.abc import Callable
 from itertools import islice
 from typing import TypeVar
 
-from masstasker.server.store import Store, StoredTask
+from masstasker.server.stores.memory.store import Store, StoredTask
 
 __all__ = ["ShuttingDown", "Waiters"]
 
