@@ -30,7 +30,7 @@ from masstasker.server.metrics_http import start_metrics_http
 from masstasker.server.persistence import Persistence
 from masstasker.server.service import SERVICE_NAME, MassTaskerService
 from masstasker.server.store import Store, TaskSpec
-from masstasker.server.tls import exposure_warnings, server_credentials
+from masstasker.server.tls import ServerTls, exposure_warnings
 from masstasker.server.waiters import Waiters
 
 __all__ = ["BackgroundServer", "Server", "serve", "start"]
@@ -64,6 +64,7 @@ class Server:
         self.http_port: int | None = None
         self.registry: CollectorRegistry | None = None  # this server's metrics, served or not
         self.tokens: TokenSet | None = None  # the accepted bearer tokens, when --auth-token-file is set
+        self.tls: ServerTls | None = None  # the TLS files, when --tls-cert is set
         self.persistence: Persistence | None = None
         self._grpc = grpc_server
         self._health = health_servicer
@@ -100,6 +101,25 @@ class Server:
             return False
         return self.tokens.reload()
 
+    def reload_tls(self) -> bool:
+        """Re-read ``--tls-cert``/``--tls-key``/``--tls-client-ca`` (SIGHUP does this) for new connections.
+
+        Returns False, keeping the current certificate, if the new files cannot be used.
+        """
+        if self.tls is None:
+            log.warning("no --tls-cert: no TLS files to reload")
+            return False
+        return self.tls.reload()
+
+    def reload(self) -> None:
+        """What SIGHUP does: re-read the token file and the TLS files, whichever are set."""
+        if self.tokens is None and self.tls is None:
+            log.warning("SIGHUP: no --auth-token-file nor --tls-cert, nothing to reload")
+        if self.tokens is not None:
+            self.tokens.reload()
+        if self.tls is not None:
+            self.tls.reload()
+
     async def wait_for_termination(self) -> None:
         """Return when the gRPC server has stopped."""
         await self._grpc.wait_for_termination()
@@ -129,7 +149,8 @@ async def start(settings: Settings, *, clock: Callable[[], int] = time.time_ns) 
     if problem:
         raise ValueError(problem)
     tokens = TokenSet(settings.auth_token_file) if settings.auth_token_file else None
-    credentials = server_credentials(settings)
+    tls = ServerTls.from_settings(settings)
+    credentials = tls.credentials() if tls is not None else None
     loop = asyncio.get_running_loop()
     store = Store(clock)
     persistence = None
@@ -187,6 +208,7 @@ async def start(settings: Settings, *, clock: Callable[[], int] = time.time_ns) 
     running = Server(server, store, waiters, health_servicer, host, port, settings)
     running.registry = registry
     running.tokens = tokens
+    running.tls = tls
     running.persistence = persistence
     await server.start()
     if settings.listen_http:
@@ -238,8 +260,8 @@ async def serve(settings: Settings) -> None:
     stopping = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
-    # Also when there is no token file: SIGHUP's default action would kill the server.
-    loop.add_signal_handler(signal.SIGHUP, server.reload_tokens)
+    # Also when there is nothing to reload: SIGHUP's default action would kill the server.
+    loop.add_signal_handler(signal.SIGHUP, server.reload)
     await stopping.wait()
     log.info("shutting down: %.1f s for in-flight calls", settings.shutdown_grace)
     await server.stop()
@@ -285,6 +307,10 @@ class BackgroundServer:
     def reload_tokens(self) -> bool:
         """:meth:`Server.reload_tokens` on the server's loop: what SIGHUP does to a CLI server."""
         return bool(self.call(lambda server: server.reload_tokens()))
+
+    def reload_tls(self) -> bool:
+        """:meth:`Server.reload_tls` on the server's loop: what SIGHUP does to a CLI server's TLS files."""
+        return bool(self.call(lambda server: server.reload_tls()))
 
     def start(self) -> BackgroundServer:
         """Start the thread and the server; return when it serves."""
