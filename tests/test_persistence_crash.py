@@ -11,7 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from crash_harness import CrashRounds
+
+from masstasker._harness.crash import CrashRounds
 
 CI_ROUNDS = 8
 
