@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import signal
+import socket
+import ssl
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import grpc
 import pytest
-from pki import Pki, make_pki
+from cryptography.hazmat.primitives import serialization
+from pki import KeyPair, Pki, client_pair, make_pki, new_ca, server_pair
 
 from masstasker._pb import masstasker_pb2 as pb
 from masstasker._pb import masstasker_pb2_grpc as pb_grpc
 from masstasker.server import BackgroundServer, Settings
+from masstasker.testing import run_server_process
 
 TIMEOUT = 10.0
 
@@ -155,3 +161,186 @@ def test_contradicting_settings_refuse_to_start(overrides: dict[str, object], me
     with pytest.raises(ValueError, match=message):
         server.start()
     server.stop()
+
+
+# -- certificates rotate without a restart -------------------------------------------------------------------
+
+
+def _der(pair: KeyPair) -> bytes:
+    return ssl.PEM_cert_to_DER_cert(pair.cert.decode())
+
+
+def served_certificate(port: int, ca: KeyPair, client: KeyPair | None = None) -> bytes:
+    """The certificate (DER) the server presents to a new connection that trusts only ``ca``."""
+    context = ssl.create_default_context(cafile=str(ca.cert_path))
+    context.set_alpn_protocols(["h2"])
+    if client is not None:
+        context.load_cert_chain(client.cert_path, client.key_path)
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as sock,
+        context.wrap_socket(sock, server_hostname="localhost") as tls,
+    ):
+        certificate = tls.getpeercert(binary_form=True)
+    assert certificate is not None
+    return certificate
+
+
+def _fresh_channel(target: str, ca: KeyPair, client: KeyPair | None = None) -> grpc.Channel:
+    """A channel with its own connection: gRPC would otherwise share one with an earlier channel."""
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=ca.cert,
+        private_key=client.key if client else None,
+        certificate_chain=client.cert if client else None,
+    )
+    return grpc.secure_channel(target, credentials, options=[("grpc.use_local_subchannel_pool", 1)])
+
+
+def _status(target: str, ca: KeyPair, client: KeyPair | None = None) -> grpc.StatusCode:
+    with _fresh_channel(target, ca, client) as channel:
+        try:
+            _update(channel)
+        except grpc.RpcError as exc:
+            return exc.code()
+    return grpc.StatusCode.OK
+
+
+@dataclass(frozen=True)
+class Live:
+    """The files a running server was started with, which the test replaces in place."""
+
+    cert: Path
+    key: Path
+    client_ca: Path
+
+    def install(self, server: KeyPair | None = None, client_ca: KeyPair | None = None) -> None:
+        if server is not None:
+            self.cert.write_bytes(server.cert)
+            self.key.write_bytes(server.key)
+        if client_ca is not None:
+            self.client_ca.write_bytes(client_ca.cert)
+
+    def flags(self, *, mutual: bool) -> dict[str, str]:
+        flags = {"tls_cert": str(self.cert), "tls_key": str(self.key)}
+        return {**flags, "tls_client_ca": str(self.client_ca)} if mutual else flags
+
+
+@pytest.fixture
+def live(tmp_path: Path, pki: Pki) -> Live:
+    files = Live(tmp_path / "live" / "tls.crt", tmp_path / "live" / "tls.key", tmp_path / "live" / "client-ca.crt")
+    files.cert.parent.mkdir()
+    files.install(pki.server, pki.ca)
+    return files
+
+
+@pytest.fixture(scope="module")
+def other(tmp_path_factory: pytest.TempPathFactory) -> tuple[KeyPair, KeyPair, KeyPair]:
+    """Another CA, a server certificate and a client certificate it signed: what the files rotate to."""
+    directory = tmp_path_factory.mktemp("other-pki")
+    ca = new_ca(directory, "ca", "The next CA")
+    return ca, server_pair(directory, "server", ca), client_pair(directory, "client", ca)
+
+
+def test_reload_serves_the_new_certificate_to_new_connections(
+    make_server: Callable[..., BackgroundServer], pki: Pki, live: Live, other: tuple[KeyPair, KeyPair, KeyPair]
+) -> None:
+    new_ca_, new_server, _ = other
+    server = make_server(**live.flags(mutual=False))
+    assert served_certificate(server.port, pki.ca) == _der(pki.server)
+    with _fresh_channel(server.target, pki.ca) as before:
+        assert list(_update(before).created_ids) == [1]
+
+        live.install(new_server)
+        assert server.reload_tls()
+
+        assert served_certificate(server.port, new_ca_) == _der(new_server)
+        assert _status(server.target, new_ca_) == grpc.StatusCode.OK
+        assert _status(server.target, pki.ca) == grpc.StatusCode.UNAVAILABLE  # the old CA no longer verifies it
+        # A connection made before the reload keeps the certificate it was made with, and keeps working.
+        assert list(_update(before).created_ids) == [3]
+
+
+def test_a_bad_new_certificate_keeps_the_old_one_serving(
+    make_server: Callable[..., BackgroundServer],
+    pki: Pki,
+    live: Live,
+    other: tuple[KeyPair, KeyPair, KeyPair],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    new_ca_, new_server, _ = other
+    server = make_server(**live.flags(mutual=False))
+    encrypted = serialization.load_pem_private_key(new_server.key, password=None).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.BestAvailableEncryption(b"pw")
+    )
+    broken: list[tuple[str, Callable[[], object], str]] = [
+        ("not PEM", lambda: live.cert.write_bytes(b"garbage\n"), "holds no PEM certificate"),
+        ("a cut-off certificate", lambda: live.cert.write_bytes(new_server.cert[:200]), "not valid PEM"),
+        ("the new certificate with the old key", lambda: live.cert.write_bytes(new_server.cert), "does not fit"),
+        ("no key file", live.key.unlink, "cannot read the TLS key"),
+        ("an encrypted key", lambda: live.install(replace(new_server, key=encrypted)), "encrypted"),
+    ]
+    for what, damage, why in broken:
+        live.install(pki.server)
+        damage()
+        caplog.clear()
+        assert not server.reload_tls(), what
+        assert why in caplog.text and "the current certificate keeps serving" in caplog.text, (what, caplog.text)
+        assert served_certificate(server.port, pki.ca) == _der(pki.server), what
+        assert _status(server.target, pki.ca) == grpc.StatusCode.OK, what
+    # Once the files are right, the next reload takes them.
+    live.install(new_server)
+    assert server.reload_tls()
+    assert served_certificate(server.port, new_ca_) == _der(new_server)
+
+
+def test_reload_rotates_the_client_ca(
+    make_server: Callable[..., BackgroundServer], pki: Pki, live: Live, other: tuple[KeyPair, KeyPair, KeyPair]
+) -> None:
+    new_ca_, _, new_client = other
+    server = make_server(**live.flags(mutual=True))
+    assert _status(server.target, pki.ca, pki.client) == grpc.StatusCode.OK
+    assert _status(server.target, pki.ca, new_client) == grpc.StatusCode.UNAVAILABLE
+
+    live.install(client_ca=new_ca_)
+    assert server.reload_tls()
+    assert _status(server.target, pki.ca, new_client) == grpc.StatusCode.OK
+    assert _status(server.target, pki.ca, pki.client) == grpc.StatusCode.UNAVAILABLE
+    assert _status(server.target, pki.ca) == grpc.StatusCode.UNAVAILABLE  # still mutual: no certificate, no entry
+
+    live.client_ca.write_bytes(b"-----BEGIN CERTIFICATE-----\nnonsense\n-----END CERTIFICATE-----\n")
+    assert not server.reload_tls()
+    assert _status(server.target, pki.ca, new_client) == grpc.StatusCode.OK
+
+
+def test_reload_without_tls_says_so(server: BackgroundServer) -> None:
+    assert not server.reload_tls()
+
+
+def test_a_key_that_does_not_fit_refuses_to_start(pki: Pki, other: tuple[KeyPair, KeyPair, KeyPair]) -> None:
+    settings = Settings(port=0, listen_http="", tls_cert=str(other[1].cert_path), tls_key=str(pki.server.key_path))
+    server = BackgroundServer(settings)
+    with pytest.raises(ValueError, match=r"--tls-key.*does not fit the certificate"):
+        server.start()
+    server.stop()
+
+
+def test_sighup_rotates_the_certificate_and_client_ca_of_a_server_process(
+    pki: Pki, live: Live, other: tuple[KeyPair, KeyPair, KeyPair]
+) -> None:
+    new_ca_, new_server, new_client = other
+    flags = [f"--{name.replace('_', '-')}={value}" for name, value in live.flags(mutual=True).items()]
+    with run_server_process(*flags) as proc:
+        assert served_certificate(proc.port, pki.ca, pki.client) == _der(pki.server)
+
+        live.install(new_server, client_ca=new_ca_)
+        proc.send_signal(signal.SIGHUP)
+        proc.expect("TLS files reloaded")
+        assert served_certificate(proc.port, new_ca_, new_client) == _der(new_server)
+        assert _status(proc.target, new_ca_, new_client) == grpc.StatusCode.OK
+        assert _status(proc.target, new_ca_, pki.client) == grpc.StatusCode.UNAVAILABLE
+
+        live.cert.write_bytes(b"half-written")
+        proc.send_signal(signal.SIGHUP)
+        proc.expect("TLS files not reloaded, the current certificate keeps serving: .*holds no PEM certificate")
+        assert served_certificate(proc.port, new_ca_, new_client) == _der(new_server)
+        assert proc.returncode is None
+    assert proc.returncode == 0
