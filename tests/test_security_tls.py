@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import ssl
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -16,7 +19,7 @@ from pki import KeyPair, Pki, client_pair, make_pki, new_ca, server_pair
 
 from masstasker._pb import masstasker_pb2 as pb
 from masstasker._pb import masstasker_pb2_grpc as pb_grpc
-from masstasker.server import BackgroundServer, Settings
+from masstasker.server import BackgroundServer, Settings, healthcheck
 from masstasker.testing import run_server_process
 
 TIMEOUT = 10.0
@@ -344,3 +347,89 @@ def test_sighup_rotates_the_certificate_and_client_ca_of_a_server_process(
         assert served_certificate(proc.port, new_ca_, new_client) == _der(new_server)
         assert proc.returncode is None
     assert proc.returncode == 0
+
+
+# -- the health probe speaks TLS ---------------------------------------------------------------------------
+
+
+def _probe(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    """The image's HEALTHCHECK command, with the container's environment ``env``."""
+    command = [sys.executable, "-m", "masstasker.server.healthcheck", *args]
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("MASSTASKER_")} | env
+    return subprocess.run(command, env=environment, capture_output=True, text=True, timeout=60)
+
+
+def test_healthcheck_against_tls_and_mtls_servers(
+    tls_server: BackgroundServer, mtls_server: BackgroundServer, pki: Pki
+) -> None:
+    # As in a container: the server's own variables, and the probe's.
+    tls_env = {
+        "MASSTASKER_LISTEN_RPC": tls_server.target,
+        "MASSTASKER_TLS_CERT": str(pki.server.cert_path),
+        "MASSTASKER_HEALTHCHECK_TLS_CA": str(pki.ca.cert_path),
+    }
+    done = _probe(tls_env)
+    assert done.returncode == 0, done.stderr
+    mtls_env = {
+        "MASSTASKER_LISTEN_RPC": mtls_server.target,
+        "MASSTASKER_TLS_CERT": str(pki.server.cert_path),
+        "MASSTASKER_TLS_CLIENT_CA": str(pki.ca.cert_path),
+        "MASSTASKER_HEALTHCHECK_TLS_CA": str(pki.ca.cert_path),
+        "MASSTASKER_HEALTHCHECK_TLS_CERT": str(pki.client.cert_path),
+        "MASSTASKER_HEALTHCHECK_TLS_KEY": str(pki.client.key_path),
+    }
+    done = _probe(mtls_env)
+    assert done.returncode == 0, done.stderr
+
+
+def test_healthcheck_without_the_ca_fails_and_says_why(
+    tls_server: BackgroundServer, pki: Pki, capsys: pytest.CaptureFixture[str]
+) -> None:
+    done = _probe({"MASSTASKER_LISTEN_RPC": tls_server.target, "MASSTASKER_TLS_CERT": str(pki.server.cert_path)})
+    assert done.returncode == 1
+    assert "the server uses TLS (MASSTASKER_TLS_CERT is set)" in done.stderr
+    assert "MASSTASKER_HEALTHCHECK_TLS_CA" in done.stderr
+    # Probing from elsewhere, with no hint in the environment: the handshake fails, the probe suggests why.
+    assert healthcheck.main(["--target", tls_server.target], env={}) == 1
+    assert "UNAVAILABLE" in (err := capsys.readouterr().err) and "give the probe its CA: --tls-ca" in err
+    # A CA that did not sign the server's certificate.
+    assert healthcheck.main(["--target", tls_server.target, "--tls-ca", str(pki.stranger.cert_path)], env={}) == 1
+    assert "is --tls-ca the CA that signed the server's certificate" in capsys.readouterr().err
+
+
+def test_healthcheck_flags_win_and_the_server_name_is_checked(
+    tls_server: BackgroundServer, pki: Pki, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ca = ["--target", tls_server.target, "--tls-ca", str(pki.ca.cert_path)]
+    env = {"MASSTASKER_HEALTHCHECK_TLS_CA": str(pki.stranger.cert_path)}
+    assert healthcheck.main(ca, env=env) == 0
+    assert healthcheck.main([*ca, "--tls-server-name", "localhost"], env={}) == 0
+    assert healthcheck.main([*ca, "--tls-server-name", "masstasker.example.com"], env={}) == 1
+    assert "UNAVAILABLE" in capsys.readouterr().err
+
+
+def test_healthcheck_against_mtls_without_a_client_certificate(
+    mtls_server: BackgroundServer, pki: Pki, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ca = ["--target", mtls_server.target, "--tls-ca", str(pki.ca.cert_path)]
+    assert healthcheck.main(ca, env={"MASSTASKER_TLS_CLIENT_CA": str(pki.ca.cert_path)}) == 1
+    assert "requires client certificates (MASSTASKER_TLS_CLIENT_CA is set)" in capsys.readouterr().err
+    assert healthcheck.main(ca, env={}) == 1
+    assert "with mutual TLS is --tls-cert signed by its client CA" in capsys.readouterr().err
+    client = ["--tls-cert", str(pki.stranger.cert_path), "--tls-key", str(pki.stranger.key_path)]
+    assert healthcheck.main([*ca, *client], env={}) == 1
+    client = ["--tls-cert", str(pki.client.cert_path), "--tls-key", str(pki.client.key_path)]
+    assert healthcheck.main([*ca, *client], env={}) == 0
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--tls-ca", "ca.crt", "--tls-cert", "c.crt"], "--tls-cert and --tls-key go together"),
+        (["--tls-cert", "c.crt", "--tls-key", "c.key"], "a client certificate needs --tls-ca too"),
+        (["--tls-ca", "/nonexistent/ca.crt"], "cannot read the CA (--tls-ca) /nonexistent/ca.crt"),
+    ],
+)
+def test_healthcheck_misconfigured_says_so(args: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert healthcheck.main(["--target", "127.0.0.1:1", *args], env={}) == 1
+    assert message in capsys.readouterr().err
