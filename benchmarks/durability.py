@@ -34,7 +34,7 @@ import grpc
 
 from masstasker._pb import masstasker_pb2 as pb
 from masstasker._pb import masstasker_pb2_grpc as pb_grpc
-from masstasker.server.persistence import Persistence
+from masstasker.server.durability import Persistence
 from masstasker.server.store import IdRef, Store, TaskSpec
 from masstasker.testing import run_server_process
 

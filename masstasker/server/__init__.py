@@ -2,7 +2,8 @@
 
 Modules: ``store`` (the in-memory store, no I/O), ``waiters`` (waiting
 Queries), ``convert`` (wire <-> store, validation), ``service`` (the gRPC
-servicer), ``metrics``, ``config`` (flags and environment), ``app``
+servicer), ``durability`` (the write-ahead log and snapshots of
+``--data-dir``), ``metrics``, ``config`` (flags and environment), ``app``
 (assembly and lifecycle).
 """
 

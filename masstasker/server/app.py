@@ -25,9 +25,9 @@ from prometheus_client import CollectorRegistry
 
 from masstasker.server.auth import TokenInterceptor, TokenSet
 from masstasker.server.config import GC_THRESHOLDS, Settings, check_security, format_address, parse_address
+from masstasker.server.durability import Persistence, PersistenceError
 from masstasker.server.metrics import GroupStats, RpcMetrics, StoreCollector
 from masstasker.server.metrics_http import start_metrics_http
-from masstasker.server.persistence import Persistence
 from masstasker.server.service import SERVICE_NAME, MassTaskerService
 from masstasker.server.store import Store, TaskSpec
 from masstasker.server.tls import ServerTls, exposure_warnings
@@ -38,6 +38,7 @@ __all__ = ["BackgroundServer", "Server", "serve", "start"]
 log = logging.getLogger("masstasker.server")
 
 _SERVING = health_pb2.HealthCheckResponse.SERVING
+_NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 _START_TIMEOUT = 30.0
 # gRPC core's own default for grpc.server.max_pending_requests: room for calls other than waiting Queries.
 _MIN_PENDING_CALLS = 1000
@@ -70,6 +71,7 @@ class Server:
         self._health = health_servicer
         self._http: Any = None
         self._stopped = False
+        self._durability_watch: asyncio.Task[None] | None = None
 
     @property
     def target(self) -> str:
@@ -82,6 +84,8 @@ class Server:
         if self._stopped:
             return
         self._stopped = True
+        if self._durability_watch is not None:
+            self._durability_watch.cancel()
         await self._health.enter_graceful_shutdown()
         self.waiters.release_all()
         await self._grpc.stop(self.settings.shutdown_grace if grace is None else grace)
@@ -160,6 +164,8 @@ async def start(settings: Settings, *, clock: Callable[[], int] = time.time_ns) 
         )
     waiters = Waiters(store, clock)
     registry = CollectorRegistry(auto_describe=False)
+    if persistence is not None:
+        persistence.register_metrics(registry)
     service = MassTaskerService(store, waiters, settings, RpcMetrics(registry), persistence=persistence)
 
     server = grpc.aio.server(
@@ -226,6 +232,8 @@ async def start(settings: Settings, *, clock: Callable[[], int] = time.time_ns) 
         log.info("metrics on http://%s/metrics", format_address(http_host, running.http_port))
     await health_servicer.set("", _SERVING)
     await health_servicer.set(SERVICE_NAME, _SERVING)
+    if persistence is not None:
+        running._durability_watch = loop.create_task(_not_serving_once_durability_is_lost(persistence, health_servicer))
     log.info(
         "gRPC transport: %s; %s",
         "mutual TLS" if settings.tls_client_ca else "TLS" if credentials else "plaintext",
@@ -235,6 +243,29 @@ async def start(settings: Settings, *, clock: Callable[[], int] = time.time_ns) 
     for warning in exposure_warnings(settings, host):
         log.warning("%s", warning)
     return running
+
+
+# -- a lost data directory (docs/durability.md) ------------------------------------------------------------
+
+
+async def _not_serving_once_durability_is_lost(persistence: Persistence, health_servicer: HealthServicer) -> None:
+    """Health answers NOT_SERVING from the moment a log write or fsync fails; :func:`serve` then exits."""
+    failure = await persistence.lost()
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, _NOT_SERVING)
+    log.critical("health is NOT_SERVING: durability lost (%s)", failure)
+
+
+async def _stop_requested_or_durability_lost(stopping: asyncio.Event, server: Server) -> None:
+    # The watch task, not the bare loss: once it is done, health already says NOT_SERVING and why.
+    stop_requested = asyncio.ensure_future(stopping.wait())
+    waits: list[asyncio.Future[Any]] = [stop_requested]
+    if server._durability_watch is not None:
+        waits.append(server._durability_watch)
+    try:
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stop_requested.cancel()
 
 
 def tune_gc() -> None:
@@ -262,10 +293,19 @@ async def serve(settings: Settings) -> None:
         loop.add_signal_handler(sig, stopping.set)
     # Also when there is nothing to reload: SIGHUP's default action would kill the server.
     loop.add_signal_handler(signal.SIGHUP, server.reload)
-    await stopping.wait()
+    await _stop_requested_or_durability_lost(stopping, server)
+    failure = server.persistence.failure if server.persistence is not None else None
+    if failure is not None:
+        log.critical(
+            "exiting because durability was lost (%s): a restart recovers every acknowledged change from %s",
+            failure,
+            settings.data_dir,
+        )
     log.info("shutting down: %.1f s for in-flight calls", settings.shutdown_grace)
     await server.stop()
     log.info("stopped")
+    if failure is not None:
+        raise PersistenceError(f"durability lost: {failure}") from failure
 
 
 class BackgroundServer:

@@ -32,9 +32,9 @@ from masstasker.server.convert import (
     specs_from_pb,
     timestamp_ns,
 )
+from masstasker.server.durability import DurabilityLost, Persistence
 from masstasker.server.limits import LimitExceeded, Limits
 from masstasker.server.metrics import RpcMetrics
-from masstasker.server.persistence import DurabilityLost, Persistence
 from masstasker.server.store import BadRequest, NotFound, PreconditionFailed, Store, StoredTask, labels_tuple
 from masstasker.server.waiters import ShuttingDown, Waiters
 

@@ -27,6 +27,8 @@ from typing import NamedTuple
 from sortedcontainers import SortedList
 
 __all__ = [
+    "MAX_ID",
+    "NANOS_PER_SECOND",
     "BadRequest",
     "GroupRef",
     "IdRef",
@@ -44,6 +46,8 @@ __all__ = [
 _ID_BITS = 64
 _ID_MASK = (1 << _ID_BITS) - 1
 MAX_ID = _ID_MASK
+#: Times (``not_before``, the clock) are integer nanoseconds since the epoch.
+NANOS_PER_SECOND = 1_000_000_000
 
 
 def key_of(not_before: int, task_id: int) -> int:
