@@ -27,12 +27,10 @@ _STOP_TIMEOUT = 15.0
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
-def child_env() -> dict[str, str]:
-    """The environment for children: this worktree first on the import path."""
-    env = dict(os.environ)
-    path = env.get("PYTHONPATH", "")
-    env["PYTHONPATH"] = str(ROOT) + (os.pathsep + path if path else "")
-    return env
+def child_pythonpath() -> str:
+    """``PYTHONPATH`` for children: this worktree first on the import path."""
+    path = os.environ.get("PYTHONPATH", "")
+    return str(ROOT) + (os.pathsep + path if path else "")
 
 
 def cpu_plan(pin_cpus: bool) -> tuple[set[int] | None, set[int] | None]:
@@ -81,7 +79,7 @@ class ServerProcess:
         """Start the server and return once it has logged its port."""
         prefix = ("taskset", "--cpu-list", ",".join(map(str, sorted(self.cpus)))) if self.cpus else ()
         # The ceiling server lives in this repository: children find it first on their import path.
-        env = {"PYTHONPATH": child_env()["PYTHONPATH"]}
+        env = {"PYTHONPATH": child_pythonpath()}
         server = Launched(*self.args, command=self.command, prefix=prefix, loopback=False, env=env)
         self._server = server
         try:

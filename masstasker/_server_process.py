@@ -73,15 +73,20 @@ class ServerProcess:
         self._ended = False
         self._cursor = 0  # where expect() looks next
         self._log_file = open(log_file, "a", encoding="utf-8") if log_file is not None else None  # noqa: SIM115
-        self.process = subprocess.Popen(
-            self.argv,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            encoding="utf-8",
-            errors="replace",  # a log line is for reading; never fail on its bytes
-            env=_environment(env),
-        )
+        try:
+            self.process = subprocess.Popen(
+                self.argv,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                encoding="utf-8",
+                errors="replace",  # a log line is for reading; never fail on its bytes
+                env=_environment(env),
+            )
+        except BaseException:
+            if self._log_file is not None:
+                self._log_file.close()
+            raise
         self._reader = threading.Thread(target=self._read, name=f"server-stderr-{self.pid}", daemon=True)
         self._reader.start()
 
