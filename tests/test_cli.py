@@ -10,6 +10,7 @@ import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from importlib.metadata import entry_points
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -186,3 +187,18 @@ def test_health_turns_not_serving_on_shutdown(make_server: Callable[..., Backgro
             assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING
         finally:
             stopper.join(30)
+
+
+def test_the_launcher_copies_the_log_to_a_file_and_kills(tmp_path: Path) -> None:
+    log_file = tmp_path / "server.log"
+    log_file.write_text("from an earlier run\n")
+    with ServerProcess("--log-level", "debug", log_file=log_file, prefix=("env", "EXTRA=1")) as server:
+        target = server.wait_serving()
+        with grpc.insecure_channel(target) as channel:
+            pb_grpc.MassTaskerStub(channel).Debug(pb.DebugRequest(), timeout=10)
+        server.expect(r"Debug -> OK")
+        assert server.kill() == -signal.SIGKILL
+    lines = log_file.read_text().splitlines()
+    assert lines[0] == "from an earlier run"  # appended, not overwritten
+    assert lines[1:] == server.log and any(f"listening on {target}" in line for line in lines)
+    assert server.stop() == -signal.SIGKILL  # stopping a dead process only reports how it ended
