@@ -25,11 +25,10 @@ from collections.abc import Mapping, Sequence
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from masstasker.server.config import DEFAULT_PORT, ENV_PREFIX, format_address, parse_address
+from masstasker.server.config import DEFAULT_PORT, ENV_PREFIX, dial_host, format_address, parse_address
 
 __all__ = ["HEALTHCHECK_ENV_PREFIX", "channel_credentials", "check", "main", "tls_problem"]
 
-_WILDCARDS = {"0.0.0.0": "127.0.0.1", "::": "::1"}
 #: The probe's own variables: ``--tls-ca`` is ``MASSTASKER_HEALTHCHECK_TLS_CA``.
 HEALTHCHECK_ENV_PREFIX = ENV_PREFIX + "HEALTHCHECK_"
 _TLS = ("tls_ca", "tls_cert", "tls_key", "tls_server_name")
@@ -41,7 +40,7 @@ def default_target(env: Mapping[str, str] = os.environ) -> str:
     if not listen:
         return format_address("127.0.0.1", int(env.get(ENV_PREFIX + "PORT", DEFAULT_PORT)))
     host, port = parse_address(listen)
-    return format_address(_WILDCARDS.get(host, host), port)
+    return format_address(dial_host(host), port)
 
 
 def _read(path: str, what: str) -> bytes:
