@@ -471,11 +471,11 @@ def test_losing_the_database_is_unavailable_then_recovers(
             (kept,) = await store.update([spec("kept")])
             waiting = asyncio.create_task(store.wait("empty", 0, 0, 1, 60.0))
             await eventually(lambda: asyncio.sleep(0, store.waiters.count == 1), "the waiter")
-            stopped_at = time.monotonic()
             await asyncio.to_thread(postgresql_cluster.stop, "fast")
+            stopped_at = time.monotonic()  # pg_ctl returns once the server is down (slow on a busy machine)
             try:
                 await eventually(lambda: asyncio.sleep(0, not store.available), "the store to notice")
-                assert time.monotonic() - stopped_at < 2.5
+                assert time.monotonic() - stopped_at < 2.0, "noticed more than 2 s after the database went down"
                 with pytest.raises(StoreUnavailable, match="PostgreSQL store"):
                     await waiting
                 with pytest.raises(StoreUnavailable, match="PostgreSQL store"):
