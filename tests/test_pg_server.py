@@ -10,6 +10,7 @@ from typing import Any
 
 import grpc
 import pytest
+from google.protobuf.duration_pb2 import Duration
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from masstasker._pb import masstasker_pb2 as pb
@@ -67,7 +68,7 @@ def test_a_server_process_on_postgresql_masks_its_password(postgresql_dsn: str, 
             [boot] = stub.Debug(pb.DebugRequest(group="boot")).tasks
             (created,) = stub.Update(pb.UpdateRequest(created=[pb.Task(group="g")])).created_ids
             assert created > boot.id
-            owned = stub.Query(pb.QueryRequest(group="g", own_for={"seconds": 60})).task
+            owned = stub.Query(pb.QueryRequest(group="g", own_for=Duration(seconds=60))).task
             stub.Update(pb.UpdateRequest(deleted=[pb.TaskRef(id=owned.id)]))
         with urllib.request.urlopen(metrics_url, timeout=10) as response:
             page = response.read().decode()
