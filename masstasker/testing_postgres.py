@@ -260,22 +260,21 @@ class PostgresCluster:
     def _pg_ctl(self, *args: str) -> None:
         self._pg("pg_ctl", "--pgdata", str(self.data), "--wait", "--timeout", str(int(TIMEOUT)), *args)
 
+    def _as_account(self) -> list[str]:
+        return _setpriv(self._account) if self._account is not None else []
+
     def _pg(self, program: str, *args: str) -> None:
-        account = self._account
         # Output to a file, not a pipe: a postmaster started by pg_ctl inherits pg_ctl's stdout and would
         # hold a pipe open for its whole life, so reading it to the end would never finish.
         with tempfile.TemporaryFile("w+") as out:
             done = subprocess.run(
-                [str(self.bin / program), *args],
+                [*self._as_account(), str(self.bin / program), *args],
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 timeout=TIMEOUT + 10,
                 check=False,
                 cwd=self.dir,
-                user=account.pw_uid if account else None,
-                group=account.pw_gid if account else None,
-                extra_groups=[] if account else None,
                 # Locale and timezone of the calling shell must not leak into the cluster's defaults.
                 env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LC_ALL": "C", "TZ": "UTC"},
             )
@@ -284,6 +283,16 @@ class PostgresCluster:
         if done.returncode != 0:
             log = self.log.read_text(errors="replace")[-4000:] if self.log.exists() else ""
             raise RuntimeError(f"{program} {' '.join(args)} failed ({done.returncode}):\n{output}\n{log}")
+
+
+def _setpriv(account: pwd.struct_passwd) -> list[str]:
+    """``setpriv`` switching to ``account``: the switch happens after exec, in setpriv.
+
+    Not subprocess's ``user=``/``group=``: those switch in the forked child
+    before exec, which rules out vfork, and a forked copy of a process with
+    gRPC threads busy (a test holding calls in flight) can crash there (SIGSEGV).
+    """
+    return ["setpriv", f"--reuid={account.pw_uid}", f"--regid={account.pw_gid}", "--clear-groups", "--"]
 
 
 def _dsn_value(value: str) -> str:

@@ -68,6 +68,8 @@ _RETRIES = 10
 _COMPACT_AT = 1000
 _COMPACT_EVERY = 5.0
 _STORE = "PostgreSQL store"
+# Reads that must agree with each other (rows and counts) share one snapshot.
+_SNAPSHOT = "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY"
 
 
 def _labels_from_column(value: list[str] | None) -> str | None:
@@ -316,10 +318,15 @@ class PostgresStore:
             return await self._create_only(new_rows)
 
         async def apply(conn: Conn) -> list[int]:
-            async with conn.pipeline(), conn.transaction():
-                pending = await self._send_deletes(conn, predicates, ids, groups, selectors, self._sql.delete_by_ids)
-                inserted = await self._send_inserts(conn, new_rows)
-                await self._check_deletes(pending, predicates, ids)
+            # Two round trips: the checks and deletions, then (only if they pass, so a failed Update
+            # uses no ID) the creations with the COMMIT.
+            async with conn.pipeline():
+                async with conn.transaction():
+                    pending = await self._send_deletes(
+                        conn, predicates, ids, groups, selectors, self._sql.delete_by_ids
+                    )
+                    await self._check_deletes(pending, predicates, ids)
+                    inserted = await self._send_inserts(conn, new_rows)
                 return sorted(row[0] for row in await inserted.fetchall()) if inserted is not None else []
 
         return await self._run(apply)
@@ -410,7 +417,10 @@ class PostgresStore:
     ) -> list[psycopg.AsyncCursor[Any]]:
         """Queue (in a pipeline) the predicate locks and the deletions, IDs first (so overlaps count as found)."""
         pending: list[psycopg.AsyncCursor[Any]] = []
-        real_predicates = [p for p in predicates if p <= _MAX_ID]
+        # A predicate this Update also deletes by ID is locked by the delete itself: taking a KEY SHARE
+        # lock first would make two such Updates deadlock (each holds the share the other's delete needs).
+        deleting = set(ids)
+        real_predicates = [p for p in predicates if p <= _MAX_ID and p not in deleting]
         if real_predicates:
             pending.append(await conn.execute(self._sql.lock_predicates, {"ids": real_predicates}))
         if ids:
@@ -430,16 +440,16 @@ class PostgresStore:
         """Predicates first (FAILED_PRECONDITION), then ID refs (NOT_FOUND); every row deleted."""
         results = [await cur.fetchall() for cur in cursors]
         position = 0
-        if any(p <= _MAX_ID for p in predicates):
+        deleting = set(ids)
+        found: set[int] = set()
+        if any(p <= _MAX_ID and p not in deleting for p in predicates):
             found = {row[0] for row in results[0]}
             position = 1
-        else:
-            found = set()
+        deleted = {row[0] for row in results[position]} if ids else set()
         for pred in predicates:
-            if pred not in found:
+            if pred not in found and pred not in deleted:
                 raise PreconditionFailed(f"predicate task {pred} does not exist")
         if ids:
-            deleted = {row[0] for row in results[position]}
             for task_id in ids:
                 if task_id not in deleted:
                     raise NotFound(f"task {task_id} does not exist")
@@ -472,24 +482,26 @@ class PostgresStore:
         bounded = limit if 0 < limit <= _MAX_ID else None
 
         async def read(conn: Conn) -> tuple[list[StoredTask], int]:
-            async with conn.pipeline(), conn.transaction():
-                await conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            # One round trip: the rows and the count from one snapshot.
+            async with conn.pipeline():
+                await conn.execute(_SNAPSHOT)
                 if group:
                     grp = group_bytes(group)
                     tasks_cur = await conn.execute(self._sql.debug_group, {"grp": grp, "limit": bounded})
                     count_cur = await conn.execute(self._sql.group_size, {"grp": grp})
-                    tasks = [
-                        StoredTask(i, group, join_ns(s, ns), b, None) for i, s, ns, b in await tasks_cur.fetchall()
-                    ]
-                    row = await count_cur.fetchone()
-                    return tasks, int(row[0]) if row else 0
-                tasks_cur = await conn.execute(self._sql.debug_all, {"limit": bounded})
-                count_cur = await conn.execute(self._sql.group_sizes)
-                tasks = [
-                    StoredTask(i, group_from_bytes(g), join_ns(s, ns), b, None)
-                    for i, g, s, ns, b in await tasks_cur.fetchall()
-                ]
-                return tasks, sum(n for _, n in await count_cur.fetchall())
+                else:
+                    tasks_cur = await conn.execute(self._sql.debug_all, {"limit": bounded})
+                    count_cur = await conn.execute(self._sql.group_sizes)
+                await conn.execute("COMMIT")
+            if group:
+                tasks = [StoredTask(i, group, join_ns(s, ns), b, None) for i, s, ns, b in await tasks_cur.fetchall()]
+                row = await count_cur.fetchone()
+                return tasks, int(row[0]) if row else 0
+            tasks = [
+                StoredTask(i, group_from_bytes(g), join_ns(s, ns), b, None)
+                for i, g, s, ns, b in await tasks_cur.fetchall()
+            ]
+            return tasks, sum(n for _, n in await count_cur.fetchall())
 
         return await self._run(read)
 
@@ -498,13 +510,15 @@ class PostgresStore:
         now_s, now_ns = split_ns(now)
 
         async def read(conn: Conn) -> tuple[dict[str, tuple[int, int]], int]:
-            async with conn.transaction():
-                await conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            await conn.execute(_SNAPSHOT)
+            try:
                 sizes = {bytes(g): n for g, n in await (await conn.execute(self._sql.group_sizes)).fetchall()}
                 cur = await conn.execute(
                     self._sql.hidden_counts, {"groups": list(sizes), "now_s": now_s, "now_ns": now_ns}
                 )
                 hidden = {bytes(g): n for g, n in await cur.fetchall()}
+            finally:
+                await conn.execute("COMMIT")
             stats = {group_from_bytes(g): (n, n - hidden.get(g, 0)) for g, n in sizes.items()}
             return stats, sum(sizes.values())
 
@@ -518,10 +532,12 @@ class PostgresStore:
         """Assert that group_counts agrees with the tasks table, and the waiters' invariants (tests)."""
 
         async def read(conn: Conn) -> tuple[dict[bytes, int], dict[bytes, int]]:
-            async with conn.transaction():
-                await conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            await conn.execute(_SNAPSHOT)
+            try:
                 counted = {bytes(g): n for g, n in await (await conn.execute(self._sql.group_sizes)).fetchall()}
                 actual = {bytes(g): n for g, n in await (await conn.execute(self._sql.count_tasks)).fetchall()}
+            finally:
+                await conn.execute("COMMIT")
             return counted, actual
 
         counted, actual = await self._run(read)
