@@ -14,11 +14,13 @@ from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from masstasker._pb import masstasker_pb2 as pb
+from masstasker.server import body
 from masstasker.server.store import BadRequest, GroupRef, IdRef, LabelRef, Ref, StoredTask, TaskSpec, labels_tuple
 
 __all__ = [
     "MAX_TIMESTAMP_NS",
     "MIN_TIMESTAMP_NS",
+    "body_of",
     "duration_ns",
     "fill_task",
     "ref_from_pb",
@@ -89,9 +91,19 @@ def spec_from_pb(task: pb.Task) -> TaskSpec:
     group = _intern(task.group)
     task.ClearField("id")
     task.ClearField("group")
-    return _new_spec(
-        TaskSpec, (group, not_before, task.SerializeToString(), tuple(sorted(labels.items())) if labels else None)
-    )
+    return _new_spec(TaskSpec, (group, not_before, body_of(task), tuple(sorted(labels.items())) if labels else None))
+
+
+def body_of(task: pb.Task) -> bytes:
+    """A task's stored body (it must have no id, group or not_before); ``task`` is consumed.
+
+    ``attempts`` goes first, as :mod:`masstasker.server.body` requires, so owning can raise it in O(1).
+    """
+    attempts = task.attempts
+    if not attempts:
+        return task.SerializeToString()
+    task.ClearField("attempts")
+    return body.encode(attempts, task.SerializeToString())
 
 
 def specs_from_pb(tasks: Sequence[pb.Task]) -> list[TaskSpec]:

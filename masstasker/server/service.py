@@ -25,6 +25,7 @@ from masstasker._pb import masstasker_pb2 as pb
 from masstasker._wire import RETRY_AFTER_MS
 from masstasker.server.config import WAITING_RETRY_AFTER_MS, Settings
 from masstasker.server.convert import (
+    body_of,
     check_timestamp_ns,
     duration_ns,
     fill_task,
@@ -159,6 +160,15 @@ class MassTaskerService:
         group = request.group
         limits = self._limits
         limits.check_group(group, "group")
+        max_attempts = request.max_attempts
+        dead_letter_group = sys.intern(request.dead_letter_group)
+        if max_attempts:
+            if not dead_letter_group:
+                raise BadRequest("max_attempts is set but dead_letter_group is empty: name where poison tasks go")
+            if dead_letter_group == group:
+                raise BadRequest(f"dead_letter_group must differ from the queried group (both {group!r})")
+        if dead_letter_group:
+            limits.check_group(dead_letter_group, "dead_letter_group")
         store = self._store
         server_now = self._clock()
         now = timestamp_ns(request.now, "now") if request.HasField("now") else server_now
@@ -166,7 +176,9 @@ class MassTaskerService:
         def take(now: int) -> list[StoredTask]:
             if own_for:
                 check_timestamp_ns(now + own_for, "now + own_for")
-            return store.query(group, now, own_for, max_tasks)
+            return store.query(
+                group, now, own_for, max_tasks, max_attempts=max_attempts, dead_letter_group=dead_letter_group
+            )
 
         tasks = take(now)
         if not tasks:
@@ -190,10 +202,12 @@ class MassTaskerService:
         proto = request.prototype
         not_before = timestamp_ns(proto.not_before, "prototype.not_before") if proto.HasField("not_before") else None
         patch = None
-        if proto.HasField("data") or proto.labels or proto.error:
+        if proto.HasField("data") or proto.labels or proto.error or proto.attempts:
 
             def patch(body: bytes) -> bytes:
                 task = pb.Task.FromString(body)
+                if proto.attempts:
+                    task.attempts = proto.attempts
                 if proto.HasField("data"):
                     task.data.CopyFrom(proto.data)
                 if proto.labels:
@@ -201,7 +215,7 @@ class MassTaskerService:
                     task.labels.update(proto.labels)
                 if proto.error:
                     task.error = proto.error
-                return check_body(task.SerializeToString(), "a rewritten task")
+                return check_body(body_of(task), "a rewritten task")
 
         count = self._store.bulk_set(
             refs_from_pb(request.ref),

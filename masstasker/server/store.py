@@ -26,6 +26,9 @@ from typing import NamedTuple
 
 from sortedcontainers import SortedList
 
+from masstasker.server import body as task_body
+from masstasker.server.body import attempts_of, owned_once_more
+
 __all__ = [
     "BadRequest",
     "GroupRef",
@@ -74,8 +77,10 @@ class StoredTask:
     int object shared with the index stands for both, and ``id`` and
     ``not_before`` are derived from it. ``body`` is the serialized ``Task``
     message without ``id``, ``group`` and ``not_before`` (so it carries
-    ``data``, ``labels`` and ``error``): the store never looks inside the
-    payload, and bytes are compact. ``labels`` duplicates the label pairs
+    ``data``, ``labels``, ``error`` and ``attempts``): the store never looks
+    inside the payload, and bytes are compact. Owning raises ``attempts``
+    in the body itself, so counting costs no slot (see
+    :mod:`masstasker.server.body` for the rule that makes it O(1)). ``labels`` duplicates the label pairs
     only for tasks that have any, so the label index can be maintained
     without parsing ``body``. Four slots keep an instance at 64 bytes.
     """
@@ -266,34 +271,94 @@ class Store:
         self._commit(doomed, specs)
         return len(doomed)
 
-    def query(self, group: str, now: int, own_for: int = 0, max_tasks: int = 1) -> list[StoredTask]:
+    def query(
+        self,
+        group: str,
+        now: int,
+        own_for: int = 0,
+        max_tasks: int = 1,
+        *,
+        max_attempts: int = 0,
+        dead_letter_group: str = "",
+    ) -> list[StoredTask]:
         """Up to ``max_tasks`` visible tasks from the head of the group.
 
         With ``own_for > 0`` each is atomically replaced by a copy with a new
-        ID and ``not_before = now + own_for``, and the copies are returned.
-        An empty list means nothing is visible. Cost: O(log n) per task
-        returned.
+        ID, ``not_before = now + own_for`` and ``attempts`` one higher, and
+        the copies are returned. With ``max_attempts > 0`` as well, a task
+        already owned that many times is not returned: in the same step it
+        is moved to ``dead_letter_group`` (visible at ``now``, ``error``
+        saying why) and the next visible task is taken instead; these do not
+        count toward ``max_tasks``. A peek (``own_for`` 0) changes nothing.
+        An empty list means nothing (else) is visible. Cost: O(log n) per
+        task returned or moved.
         """
+        if max_attempts and (not dead_letter_group or dead_letter_group == group):
+            raise BadRequest("max_attempts needs a dead_letter_group other than the queried group")
         index = self._groups.get(group)
         if not index:
             return []
         limit = key_of(now + 1, 0)
-        keys = []
-        for key in islice(index, max(max_tasks, 1)):
-            if key >= limit:
-                break
-            keys.append(key)
-        if not keys:
-            return []
+        wanted = max(max_tasks, 1)
         tasks = self._tasks
-        if own_for <= 0:
-            return [tasks[k & _ID_MASK] for k in keys]
-        self._check_ids(len(keys))
+        if own_for <= 0 or not max_attempts:
+            keys = []
+            for key in islice(index, wanted):
+                if key >= limit:
+                    break
+                keys.append(key)
+            if not keys:
+                return []
+            if own_for <= 0:
+                return [tasks[k & _ID_MASK] for k in keys]
+            self._check_ids(len(keys))
+            until = now + own_for
+            doomed = [k & _ID_MASK for k in keys]
+            once_more = owned_once_more
+            specs = [TaskSpec(group, until, once_more(tasks[i].body), tasks[i].labels) for i in doomed]
+            new_ids = self._commit(doomed, specs)
+            return [tasks[i] for i in new_ids]
+        return self._own_or_park(index, group, now, own_for, wanted, limit, max_attempts, dead_letter_group)
+
+    def _own_or_park(
+        self,
+        index: SortedList,
+        group: str,
+        now: int,
+        own_for: int,
+        wanted: int,
+        limit: int,
+        max_attempts: int,
+        dead_letter_group: str,
+    ) -> list[StoredTask]:
+        """:meth:`query`'s owning step when a maximum applies: the head tasks, each owned or parked."""
+        tasks = self._tasks
         until = now + own_for
-        doomed = [k & _ID_MASK for k in keys]
-        specs = [TaskSpec(group, until, tasks[i].body, tasks[i].labels) for i in doomed]
+        doomed: list[int] = []
+        specs: list[TaskSpec] = []
+        owned: list[bool] = []
+        count = 0
+        # Parked tasks do not count toward `wanted`: the walk goes on past them. It parks each
+        # poison task once, so its length is paid for by the tasks it removes from the group.
+        for key in index:
+            if key >= limit or count == wanted:
+                break
+            task_id = key & _ID_MASK
+            task = tasks[task_id]
+            doomed.append(task_id)
+            attempts = attempts_of(task.body)
+            if attempts < max_attempts:
+                specs.append(TaskSpec(group, until, owned_once_more(task.body), task.labels))
+                owned.append(True)
+                count += 1
+            else:
+                specs.append(TaskSpec(dead_letter_group, now, _parked(task.body, attempts), task.labels))
+                owned.append(False)
+        if not doomed:
+            return []
+        self._check_ids(len(doomed))
         new_ids = self._commit(doomed, specs)
-        return [tasks[i] for i in new_ids]
+        return [tasks[i] for i, mine in zip(new_ids, owned, strict=True) if mine]
 
     def restore_all(self, tasks: Iterable[StoredTask]) -> None:
         """Insert many tasks with their own IDs (recovery), IDs in increasing order.
@@ -445,6 +510,20 @@ class Store:
             for pair in task.labels or ():
                 expected.setdefault(pair, set()).add(task_id)
         assert expected == self._labels, "label index out of sync"
+        for task in self._tasks.values():
+            task_body.check(task.body)
+
+
+def dead_letter_message(attempts: int) -> str:
+    """The ``error`` a task parked in the dead-letter group gets (appended to any it had)."""
+    return f"dead-lettered: owned {attempts} times without completing (max_attempts reached)"
+
+
+def _parked(body: bytes, attempts: int) -> bytes:
+    """The body of a task moved to the dead-letter group: ``attempts`` kept, the reason added to ``error``."""
+    reason = dead_letter_message(attempts)
+    previous = task_body.error_of(body)
+    return task_body.with_error(body, f"{previous}; {reason}" if previous else reason)
 
 
 def labels_tuple(labels: Mapping[str, str]) -> tuple[tuple[str, str], ...] | None:
