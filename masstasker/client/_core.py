@@ -157,9 +157,10 @@ def check_poison_options(max_attempts: object, dead_letter: object) -> tuple[int
         if max_attempts:
             raise ValueError(f"max_attempts={max_attempts} needs dead_letter=, the group where poison tasks go")
         return max_attempts, ""
-    if not check_group(dead_letter, name="dead_letter"):
+    group = check_group(dead_letter, name="dead_letter")
+    if not group:
         raise ValueError("dead_letter must name a group; the empty group cannot be one")
-    return max_attempts, dead_letter
+    return max_attempts, group
 
 
 def do_flow(ops: Sequence[Op], *, clock: Clock, timeout: float | None) -> Flow[None]:
