@@ -5,6 +5,7 @@ Real servers on 127.0.0.1; the first test runs real worker processes that are ki
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import subprocess
 import sys
@@ -18,7 +19,7 @@ from typing import Any
 import grpc
 import pytest
 
-from masstasker import Client, Disown, TaskNotFound, new_task, unpack_data
+from masstasker import AsyncClient, Client, Disown, TaskNotFound, new_task, unpack_data
 from masstasker._pb import masstasker_pb2 as pb
 from masstasker._pb import masstasker_pb2_grpc as pb_grpc
 from masstasker.server import BackgroundServer, Settings
@@ -26,6 +27,7 @@ from masstasker.server import BackgroundServer, Settings
 REPO = Path(__file__).resolve().parent.parent
 WORKER = Path(__file__).resolve().parent / "poison_worker.py"
 DEADLINE = 60.0  # real seconds any waited-for condition may take on a loaded machine
+KILL_TEST_DEADLINE = 150.0
 
 
 def debug(client: Client, group: str) -> list[pb.Task]:
@@ -42,6 +44,7 @@ def wait_until(condition: Callable[[], bool], what: str, timeout: float = DEADLI
 # -- a task that kills its workers ------------------------------------------------------------------------------
 
 
+@pytest.mark.timeout(180)  # four worker processes start, one after another, on a possibly loaded machine
 def test_a_task_that_kills_every_worker_is_dead_lettered_and_the_rest_done_once(
     masstasker_server: Any, masstasker_client: Client
 ) -> None:
@@ -53,7 +56,7 @@ def test_a_task_that_kills_every_worker_is_dead_lettered_and_the_rest_done_once(
     client.create(*tasks)
 
     kills = 0
-    deadline = time.monotonic() + DEADLINE
+    deadline = time.monotonic() + KILL_TEST_DEADLINE
     worker: subprocess.Popen[bytes] | None = None
     try:
         while True:
@@ -104,6 +107,29 @@ def test_heartbeats_over_a_long_lease_do_not_raise_attempts(masstasker_client: C
     client.do(Disown(task))  # give it back: the next owner is the second attempt, not the sixth
     again = client.query("work", 5, max_attempts=2, dead_letter="dead")
     assert (again.attempts, unpack_data(again, pb.Test).foo) == (2, "long")
+
+
+def test_async_heartbeats_do_not_raise_attempts_either(masstasker_server: Any, masstasker_client: Client) -> None:
+    masstasker_client.create(new_task("work"))
+
+    async def main() -> pb.Task:
+        async with AsyncClient(masstasker_server.target, max_attempts=2, dead_letter="dead") as client:
+            task = await client.query("work", 5)
+            first = task.id
+
+            async def work(job: pb.Task, lost: asyncio.Event) -> None:
+                deadline = time.monotonic() + DEADLINE
+                while (await client.rpc.Debug(pb.DebugRequest(group="work"))).tasks[0].id < first + 4:
+                    assert time.monotonic() < deadline, "no four renewals"
+                    await asyncio.sleep(0.02)
+
+            await client.run_with_lease(task, work, heartbeat=0.02, own_for=5)
+            assert task.id >= first + 4
+            return task
+
+    task = asyncio.run(main())
+    assert task.attempts == 1
+    assert debug(masstasker_client, "work") == [task]
 
 
 def test_a_peek_changes_nothing(masstasker_client: Client) -> None:
