@@ -23,6 +23,7 @@ from masstasker import AsyncClient, Client, Disown, TaskNotFound, new_task, unpa
 from masstasker._pb import masstasker_pb2 as pb
 from masstasker._pb import masstasker_pb2_grpc as pb_grpc
 from masstasker.server import BackgroundServer, Settings
+from masstasker.server.durability.snapshot import list_snapshots
 
 REPO = Path(__file__).resolve().parent.parent
 WORKER = Path(__file__).resolve().parent / "poison_worker.py"
@@ -184,9 +185,14 @@ def test_a_waiter_on_the_dead_letter_group_wakes(masstasker_server: Any, masstas
     assert "owned 1 times" in parked[0].error
 
 
-def test_the_count_and_the_parked_task_survive_a_restart(tmp_path: Path) -> None:
+@pytest.mark.parametrize("snapshots", [False, True], ids=["log", "snapshot"])
+def test_the_count_and_the_parked_task_survive_a_restart(tmp_path: Path, snapshots: bool) -> None:
+    data = tmp_path / "data"
+    # A tiny threshold: a snapshot as soon as the log outgrows twice the live state, so recovery loads one.
+    extra = {"snapshot_min_log_bytes": 1} if snapshots else {}
+
     def start() -> BackgroundServer:
-        return BackgroundServer(Settings(port=0, listen_http="", data_dir=str(tmp_path / "data"))).start()
+        return BackgroundServer(Settings(port=0, listen_http="", data_dir=str(data), **extra)).start()
 
     server = start()
     try:
@@ -208,6 +214,8 @@ def test_the_count_and_the_parked_task_survive_a_restart(tmp_path: Path) -> None
             wait_until(lambda: bool(client.query_many("work", 1, 30, wait=False) or debug(client, "dead")), "parking")
             [dead] = debug(client, "dead")
             assert (dead.attempts, unpack_data(dead, pb.Test).foo) == (3, "poison")
+            if snapshots:
+                wait_until(lambda: bool(list_snapshots(data)), "a snapshot")
     finally:
         server.stop()
     server = start()
