@@ -1,6 +1,7 @@
 """Poison tasks end to end: attempts counted by owning Queries, tasks past max_attempts parked in a dead-letter group.
 
-Real servers on 127.0.0.1; the first test runs real worker processes that are killed with SIGKILL.
+Real servers on 127.0.0.1, each test on both stores: in memory and on a real (throwaway) PostgreSQL
+cluster. The first test runs real worker processes that are killed with SIGKILL.
 """
 
 from __future__ import annotations
@@ -29,6 +30,23 @@ REPO = Path(__file__).resolve().parent.parent
 WORKER = Path(__file__).resolve().parent / "poison_worker.py"
 DEADLINE = 60.0  # real seconds any waited-for condition may take on a loaded machine
 KILL_TEST_DEADLINE = 150.0
+
+
+@pytest.fixture(params=["memory", "postgres"])
+def store_settings(request: pytest.FixtureRequest) -> dict[str, Any]:
+    """The settings that put a server on the parametrized store (a fresh PostgreSQL schema per test)."""
+    if request.param == "memory":
+        return {}
+    return {
+        "store": request.getfixturevalue("postgresql_dsn"),
+        "store_schema": request.getfixturevalue("postgresql_schema"),
+    }
+
+
+@pytest.fixture
+def masstasker_server_settings(store_settings: dict[str, Any]) -> dict[str, Any]:
+    """The plugin's server fixtures, on the parametrized store."""
+    return store_settings
 
 
 def debug(client: Client, group: str) -> list[pb.Task]:
@@ -185,14 +203,24 @@ def test_a_waiter_on_the_dead_letter_group_wakes(masstasker_server: Any, masstas
     assert "owned 1 times" in parked[0].error
 
 
-@pytest.mark.parametrize("snapshots", [False, True], ids=["log", "snapshot"])
-def test_the_count_and_the_parked_task_survive_a_restart(tmp_path: Path, snapshots: bool) -> None:
+@pytest.mark.parametrize("kept", ["log", "snapshot", "postgres"])
+def test_the_count_and_the_parked_task_survive_a_restart(
+    tmp_path: Path, kept: str, request: pytest.FixtureRequest
+) -> None:
     data = tmp_path / "data"
-    # A tiny threshold: a snapshot as soon as the log outgrows twice the live state, so recovery loads one.
-    extra = {"snapshot_min_log_bytes": 1} if snapshots else {}
+    snapshots = kept == "snapshot"
+    settings: dict[str, Any] = {"data_dir": str(data)}
+    if snapshots:
+        # A tiny threshold: a snapshot as soon as the log outgrows twice the live state, so recovery loads one.
+        settings["snapshot_min_log_bytes"] = 1
+    elif kept == "postgres":  # a new server on the same schema
+        settings = {
+            "store": request.getfixturevalue("postgresql_dsn"),
+            "store_schema": request.getfixturevalue("postgresql_schema"),
+        }
 
     def start() -> BackgroundServer:
-        return BackgroundServer(Settings(port=0, listen_http="", data_dir=str(data), **extra)).start()
+        return BackgroundServer(Settings(port=0, listen_http="", **settings)).start()
 
     server = start()
     try:

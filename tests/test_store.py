@@ -8,8 +8,10 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from masstasker._pb import masstasker_pb2 as pb
-from masstasker.server.store import (
+from masstasker.server.body import dead_letter_message
+from masstasker.server.stores.memory.store import (
     BadRequest,
+    DeadLetter,
     GroupRef,
     IdRef,
     LabelRef,
@@ -19,7 +21,6 @@ from masstasker.server.store import (
     Store,
     StoredTask,
     TaskSpec,
-    dead_letter_message,
 )
 
 NOW = 1_000_000
@@ -133,14 +134,14 @@ def test_owning_counts_attempts_and_a_peek_does_not(store: Store) -> None:
         [owned] = store.query("g", NOW + expected * 100, own_for=10)
         assert owned.body == make_body(expected, "x")
     before = snapshot(store)
-    store.query("g", NOW + 1000, max_attempts=1, dead_letter_group="dead")  # a peek: nothing parked
+    store.query("g", NOW + 1000, dead_letter=DeadLetter(1, "dead"))  # a peek: nothing parked
     assert snapshot(store) == before
     store._check()
 
 
 def test_a_task_owned_max_attempts_times_is_parked_and_the_next_one_owned(store: Store) -> None:
     store.update([spec(body=make_body(2, "earlier"), not_before=NOW - 2, k="v"), spec(not_before=NOW - 1)])
-    owned = store.query("g", NOW, own_for=10, max_tasks=1, max_attempts=2, dead_letter_group="dead")
+    owned = store.query("g", NOW, own_for=10, max_tasks=1, dead_letter=DeadLetter(2, "dead"))
     assert [(t.id, t.group, t.body) for t in owned] == [(4, "g", make_body(1, ""))]
     [parked] = store.group_tasks("dead")
     reason = dead_letter_message(2)
@@ -154,13 +155,13 @@ def test_a_task_owned_max_attempts_times_is_parked_and_the_next_one_owned(store:
 def test_parked_tasks_do_not_count_toward_max_tasks(store: Store) -> None:
     bodies = [make_body(a, "") for a in (3, 0, 3, 3, 1, 0)]
     store.update([spec(body=b, not_before=NOW - 10 + i) for i, b in enumerate(bodies)])
-    owned = store.query("g", NOW, own_for=10, max_tasks=2, max_attempts=3, dead_letter_group="dead")
+    owned = store.query("g", NOW, own_for=10, max_tasks=2, dead_letter=DeadLetter(3, "dead"))
     assert [t.body for t in owned] == [make_body(1, ""), make_body(2, "")]
     assert [t.body for t in store.group_tasks("dead")] == [make_body(3, dead_letter_message(3))] * 3
     assert [t.body for t in store.group_tasks("g")] == [make_body(0, ""), make_body(1, ""), make_body(2, "")]
     # Nothing but poison left visible: all parked, nothing returned.
     store.update([spec("h", body=make_body(5, ""), not_before=NOW), spec("h", body=make_body(3, ""))])
-    assert store.query("h", NOW, own_for=10, max_tasks=5, max_attempts=3, dead_letter_group="dead") == []
+    assert store.query("h", NOW, own_for=10, max_tasks=5, dead_letter=DeadLetter(3, "dead")) == []
     assert store.group_size("h") == 0 and store.group_size("dead") == 5
     store._check()
 
@@ -168,9 +169,9 @@ def test_parked_tasks_do_not_count_toward_max_tasks(store: Store) -> None:
 def test_max_attempts_needs_another_dead_letter_group(store: Store) -> None:
     store.update([spec()])
     before = snapshot(store)
-    for dead in ("", "g"):
+    for dead_letter in (DeadLetter(1, ""), DeadLetter(1, "g"), DeadLetter(0, "dead")):
         with pytest.raises(BadRequest):
-            store.query("g", NOW, own_for=10, max_attempts=1, dead_letter_group=dead)
+            store.query("g", NOW, own_for=10, dead_letter=dead_letter)
     assert snapshot(store) == before
 
 
@@ -338,11 +339,12 @@ class StoreAgainstModel(RuleBasedStateMachine):
         dead=st.sampled_from(["dead", "a"]),
     )
     def query(self, group: str, now: int, own_for: int, max_tasks: int, max_attempts: int, dead: str) -> None:
+        dead_letter = DeadLetter(max_attempts, dead) if max_attempts else None
         if max_attempts and dead == group:
             with pytest.raises(BadRequest):
-                self.store.query(group, now, own_for, max_tasks, max_attempts=max_attempts, dead_letter_group=dead)
+                self.store.query(group, now, own_for, max_tasks, dead_letter)
             return
-        got = self.store.query(group, now, own_for, max_tasks, max_attempts=max_attempts, dead_letter_group=dead)
+        got = self.store.query(group, now, own_for, max_tasks, dead_letter)
         assert [t.id for t in got] == self.model.query(group, now, own_for, max_tasks, max_attempts, dead)
 
     @precondition(lambda self: self.model.tasks)

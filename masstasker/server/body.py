@@ -22,9 +22,11 @@ __all__ = [
     "MAX_ATTEMPTS",
     "attempts_of",
     "check",
+    "dead_letter_message",
     "encode",
     "error_of",
     "owned_once_more",
+    "parked_body",
     "with_error",
 ]
 
@@ -72,20 +74,30 @@ def encode(attempts: int, rest: bytes) -> bytes:
 
 
 def attempts_of(body: bytes) -> int:
-    """How many times the task was owned. O(1)."""
-    if body and body[0] == _ATTEMPTS_TAG:
+    """How many times the task was owned. O(1). Total, as :func:`owned_once_more` is."""
+    if len(body) < 2 or body[0] != _ATTEMPTS_TAG:
+        return 0
+    try:
         return _read_varint(body, 1)[0]
-    return 0
+    except ValueError:
+        return 0
 
 
 def owned_once_more(body: bytes) -> bytes:
-    """The body with ``attempts`` one higher (saturating at the uint32 maximum). O(1) plus a copy."""
-    if not body or body[0] != _ATTEMPTS_TAG:
+    """The body with ``attempts`` one higher (saturating at the uint32 maximum). O(1) plus a copy.
+
+    Total, like the PostgreSQL store's ``owned_once_more``: bytes that do not start with a whole
+    ``attempts`` field (never a body made by :func:`encode`) get one in front, as a body without one does.
+    """
+    if len(body) < 2 or body[0] != _ATTEMPTS_TAG:
         return _PREFIXES[1] + body
     count = body[1]
     if count < 0x80:  # one-byte count: the common case
         return _PREFIXES[count + 1] + body[2:]
-    count, end = _read_varint(body, 1)
+    try:
+        count, end = _read_varint(body, 1)
+    except ValueError:
+        return _PREFIXES[1] + body
     return _prefix(min(count + 1, MAX_ATTEMPTS)) + body[end:]
 
 
@@ -143,6 +155,18 @@ def with_error(body: bytes, error: str) -> bytes:
     kept = [body[start:end] for tag, start, end in _fields(body) if tag != _ERROR_TAG]
     text = error.encode()
     return b"".join(kept) + bytes([_ERROR_TAG]) + _varint(len(text)) + text
+
+
+def dead_letter_message(attempts: int) -> str:
+    """The ``error`` a task parked in a dead-letter group gets (appended to any it had)."""
+    return f"dead-lettered: owned {attempts} times without completing (max_attempts reached)"
+
+
+def parked_body(body: bytes, attempts: int) -> bytes:
+    """The body of a task moved to a dead-letter group: ``attempts`` kept, the reason added to ``error``."""
+    reason = dead_letter_message(attempts)
+    previous = error_of(body)
+    return with_error(body, f"{previous}; {reason}" if previous else reason)
 
 
 def check(body: bytes) -> None:

@@ -1,7 +1,7 @@
 """Wire messages <-> store values, with the validation docs/api.md asks for.
 
 Everything that can reject a request for its shape lives here and raises
-:class:`~masstasker.server.store.BadRequest` with a message naming the field
+:class:`~masstasker.server.stores.memory.store.BadRequest` with a message naming the field
 and the rule; the server's configurable limits on sizes and counts are
 :mod:`~masstasker.server.limits`'. What leaves here is valid input for any
 store: times in range, label pairs sorted, no empty selector.
@@ -18,9 +18,10 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from masstasker._pb import masstasker_pb2 as pb
 from masstasker.server import body
-from masstasker.server.store import (
+from masstasker.server.stores.memory.store import (
     NANOS_PER_SECOND,
     BadRequest,
+    DeadLetter,
     GroupRef,
     IdRef,
     LabelRef,
@@ -168,8 +169,7 @@ class QuerySpec(NamedTuple):
     own_for: int  # ns, never negative; 0 is a peek
     max_tasks: int
     wait: bool
-    max_attempts: int  # 0: no limit
-    dead_letter_group: str  # set (and not ``group``) whenever max_attempts is
+    dead_letter: DeadLetter | None  # None: no max_attempts
 
 
 def query_from_pb(request: pb.QueryRequest) -> QuerySpec:
@@ -185,16 +185,18 @@ def query_from_pb(request: pb.QueryRequest) -> QuerySpec:
     now = timestamp_ns(request.now, "now") if request.HasField("now") else None
     group = request.group
     max_attempts = request.max_attempts
-    dead_letter_group = request.dead_letter_group
+    dead_letter = None
     if max_attempts:
+        dead_letter_group = request.dead_letter_group
         if not dead_letter_group:
             raise BadRequest(
                 f"max_attempts is {max_attempts} but dead_letter_group is empty: name the group poison tasks go to"
             )
         if dead_letter_group == group:
             raise BadRequest(f"dead_letter_group must be another group than the one queried (both are {group!r})")
-        dead_letter_group = _intern(dead_letter_group)  # the parked tasks' group: one str object, as for created tasks
-    return _new_spec(QuerySpec, (group, now, own_for, request.max_tasks, request.wait, max_attempts, dead_letter_group))
+        # The parked tasks' group: one str object, as for created tasks.
+        dead_letter = DeadLetter(max_attempts, _intern(dead_letter_group))
+    return _new_spec(QuerySpec, (group, now, own_for, request.max_tasks, request.wait, dead_letter))
 
 
 def fill_task(out: pb.Task, task: StoredTask) -> None:

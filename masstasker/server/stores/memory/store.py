@@ -27,12 +27,13 @@ from typing import NamedTuple
 from sortedcontainers import SortedList
 
 from masstasker.server import body as task_body
-from masstasker.server.body import attempts_of, owned_once_more
+from masstasker.server.body import attempts_of, owned_once_more, parked_body
 
 __all__ = [
     "MAX_ID",
     "NANOS_PER_SECOND",
     "BadRequest",
+    "DeadLetter",
     "GroupRef",
     "IdRef",
     "LabelRef",
@@ -43,6 +44,7 @@ __all__ = [
     "StoreError",
     "StoredTask",
     "TaskSpec",
+    "check_dead_letter",
     "key_of",
 ]
 
@@ -113,6 +115,13 @@ class StoredTask:
 
     def __repr__(self) -> str:
         return f"StoredTask(id={self.id}, group={self.group!r}, not_before={self.not_before})"
+
+
+class DeadLetter(NamedTuple):
+    """Where an owning Query parks a task it already handed out ``max_attempts`` times (``max_attempts`` > 0)."""
+
+    max_attempts: int
+    group: str
 
 
 class TaskSpec(NamedTuple):
@@ -282,31 +291,29 @@ class Store:
         now: int,
         own_for: int = 0,
         max_tasks: int = 1,
-        *,
-        max_attempts: int = 0,
-        dead_letter_group: str = "",
+        dead_letter: DeadLetter | None = None,
     ) -> list[StoredTask]:
         """Up to ``max_tasks`` visible tasks from the head of the group.
 
         With ``own_for > 0`` each is atomically replaced by a copy with a new
         ID, ``not_before = now + own_for`` and ``attempts`` one higher, and
-        the copies are returned. With ``max_attempts > 0`` as well, a task
-        already owned that many times is not returned: in the same step it
-        is moved to ``dead_letter_group`` (visible at ``now``, ``error``
-        saying why) and the next visible task is taken instead; these do not
-        count toward ``max_tasks``. A peek (``own_for`` 0) changes nothing.
+        the copies are returned. With a ``dead_letter`` as well, a task
+        already owned ``dead_letter.max_attempts`` times is not returned: in
+        the same step it is moved to ``dead_letter.group`` (visible at
+        ``now``, ``error`` saying why) and the next visible task is taken
+        instead; these do not count toward ``max_tasks``. A peek (``own_for`` 0) changes nothing.
         An empty list means nothing (else) is visible. Cost: O(log n) per
         task returned or moved.
         """
-        if max_attempts and (not dead_letter_group or dead_letter_group == group):
-            raise BadRequest("max_attempts needs a dead_letter_group other than the queried group")
+        if dead_letter is not None:
+            check_dead_letter(dead_letter, group)
         index = self._groups.get(group)
         if not index:
             return []
         limit = key_of(now + 1, 0)
         wanted = max(max_tasks, 1)
         tasks = self._tasks
-        if own_for <= 0 or not max_attempts:
+        if own_for <= 0 or dead_letter is None:
             keys = []
             for key in islice(index, wanted):
                 if key >= limit:
@@ -323,7 +330,7 @@ class Store:
             specs = [TaskSpec(group, until, once_more(tasks[i].body), tasks[i].labels) for i in doomed]
             new_ids = self._commit(doomed, specs)
             return [tasks[i] for i in new_ids]
-        return self._own_or_park(index, group, now, own_for, wanted, limit, max_attempts, dead_letter_group)
+        return self._own_or_park(index, group, now, own_for, wanted, limit, dead_letter)
 
     def _own_or_park(
         self,
@@ -333,12 +340,12 @@ class Store:
         own_for: int,
         wanted: int,
         limit: int,
-        max_attempts: int,
-        dead_letter_group: str,
+        dead_letter: DeadLetter,
     ) -> list[StoredTask]:
         """:meth:`query`'s owning step when a maximum applies: the head tasks, each owned or parked."""
         tasks = self._tasks
         until = now + own_for
+        max_attempts, dead_letter_group = dead_letter
         doomed: list[int] = []
         specs: list[TaskSpec] = []
         owned: list[bool] = []
@@ -357,7 +364,7 @@ class Store:
                 owned.append(True)
                 count += 1
             else:
-                specs.append(TaskSpec(dead_letter_group, now, _parked(task.body, attempts), task.labels))
+                specs.append(TaskSpec(dead_letter_group, now, parked_body(task.body, attempts), task.labels))
                 owned.append(False)
         if not doomed:
             return []
@@ -517,13 +524,7 @@ class Store:
             task_body.check(task.body)
 
 
-def dead_letter_message(attempts: int) -> str:
-    """The ``error`` a task parked in the dead-letter group gets (appended to any it had)."""
-    return f"dead-lettered: owned {attempts} times without completing (max_attempts reached)"
-
-
-def _parked(body: bytes, attempts: int) -> bytes:
-    """The body of a task moved to the dead-letter group: ``attempts`` kept, the reason added to ``error``."""
-    reason = dead_letter_message(attempts)
-    previous = task_body.error_of(body)
-    return task_body.with_error(body, f"{previous}; {reason}" if previous else reason)
+def check_dead_letter(dead_letter: DeadLetter, group: str) -> None:
+    """BadRequest unless ``dead_letter`` has a limit and a group other than the queried ``group``."""
+    if dead_letter.max_attempts <= 0 or not dead_letter.group or dead_letter.group == group:
+        raise BadRequest("a dead letter needs max_attempts > 0 and a group other than the queried group")
