@@ -2,7 +2,8 @@
 
 The ``connect`` fixture is parametrized: "sync" gives a ``Client``; "async" gives an ``AsyncClient``
 whose coroutines run on an event loop in a helper thread, so one test body checks that both classes
-behave the same. A small Go-like server (it forwards to ours but cannot wait and ignores max_tasks)
+behave the same. A small Go-like server (it forwards to ours but cannot wait and ignores max_tasks and the
+poison-task fields)
 checks the client's compatibility behaviour.
 """
 
@@ -395,7 +396,8 @@ def test_wait_for_ready_waits_for_a_server_instead_of_failing(connect: Connect) 
 
 class GoLikeServer(pb_grpc.MassTaskerServicer):
     """Forwards to a real server, but like the Go server: a Query never waits (NOT_FOUND at once when
-    nothing is visible) and ``max_tasks`` is ignored (only ``task`` is filled in)."""
+    nothing is visible), ``max_tasks`` is ignored (only ``task`` is filled in), and so are ``max_attempts``
+    and ``dead_letter_group``: owning copies the task, ``attempts`` included, as it was sent."""
 
     def __init__(self, upstream: str) -> None:
         self.channel = grpc.insecure_channel(upstream)
@@ -415,20 +417,29 @@ class GoLikeServer(pb_grpc.MassTaskerServicer):
         with self.changed:
             self.queries += 1
             self.changed.notify_all()
-        go_request = pb.QueryRequest()
-        go_request.CopyFrom(request)
-        go_request.wait = False
-        go_request.max_tasks = 0
-        if self.empty_ok:
-            try:
-                response = self.stub.Query(go_request)
-            except grpc.RpcError as exc:
-                if exc.code() is not grpc.StatusCode.NOT_FOUND:
-                    context.abort(exc.code(), exc.details())
+        # Go knows none of our extensions: a peek that never waits, for one task...
+        peek = pb.QueryRequest(group=request.group)
+        if request.HasField("now"):
+            peek.now.CopyFrom(request.now)
+        try:
+            task = self.stub.Query(peek).task
+        except grpc.RpcError as exc:
+            if self.empty_ok and exc.code() is grpc.StatusCode.NOT_FOUND:
                 return pb.QueryResponse()
-        else:
-            response = self._forward(lambda: self.stub.Query(go_request), context)
-        return pb.QueryResponse(task=response.task)
+            context.abort(exc.code(), exc.details())
+        own_for = request.own_for.ToNanoseconds()
+        if own_for > 0:
+            # ...then owning by copying the task as it is (attempts, unknown to Go, stays as sent) with a new
+            # not_before: no attempt counted, nothing dead-lettered.
+            copy = pb.Task()
+            copy.CopyFrom(task)
+            copy.ClearField("id")
+            now = request.now.ToNanoseconds() if request.HasField("now") else time.time_ns()
+            copy.not_before.FromNanoseconds(now + own_for)
+            update = pb.UpdateRequest(deleted=[pb.TaskRef(id=task.id)], created=[copy])
+            copy.id = self._forward(lambda: self.stub.Update(update), context).created_ids[0]
+            task = copy
+        return pb.QueryResponse(task=task)
 
     def Update(self, request: pb.UpdateRequest, context: grpc.ServicerContext) -> pb.UpdateResponse:
         result: pb.UpdateResponse = self._forward(lambda: self.stub.Update(request), context)
@@ -516,6 +527,67 @@ def test_a_waiting_query_retries_an_ok_answer_with_no_task(
     thread.join(CALL_TIMEOUT)
     assert not thread.is_alive()
     assert unpack_data(got[0], pb.Test).foo == "at last"
+
+
+def test_poison_options_against_a_server_that_ignores_them(
+    connect: Connect, go_server: tuple[str, GoLikeServer], masstasker_client: Client, debug: Any
+) -> None:
+    task = new_task("g", pb.Test(foo="x"))
+    task.attempts = 5
+    masstasker_client.create(task)
+    client = connect(target=go_server[0], max_attempts=2, dead_letter="dead")
+    got = client.query("g", 30)
+    assert (unpack_data(got, pb.Test).foo, got.attempts) == ("x", 5)  # as sent: not counted, not parked
+    client.disown(got)
+    [again] = client.query_many("g", 3, 30, max_attempts=1)
+    assert again.attempts == 5 and debug("dead") == []
+    client.delete(again)
+    assert debug("g") == []
+
+
+# -- poison tasks: attempts and dead letters --------------------------------------------------------------------
+
+
+def test_owning_counts_attempts_and_client_updates_keep_them(connect: Connect, debug: Any) -> None:
+    client = connect()
+    task = new_task("g", pb.Test(foo="x"))
+    client.create(task)
+    assert task.attempts == 0 and debug("g")[0].attempts == 0
+    task = client.query("g", 30)
+    assert task.attempts == 1
+    pack_data(task, pb.Test(foo="changed"))
+    client.update(task)
+    client.move("other", task)
+    client.disown(task)
+    client.reown(30, task)
+    assert [t.attempts for t in debug("other")] == [1], "update, move, disown and reown keep attempts"
+    client.disown(task)
+    task = client.query("other", 30)
+    assert (task.attempts, unpack_data(task, pb.Test).foo) == (2, "changed")
+    preset = new_task("g")
+    preset.attempts = 7
+    client.create(preset)
+    assert debug("g")[0].attempts == 7, "a new task starts at what it is given"
+
+
+def test_client_defaults_park_poison_and_a_call_can_override_them(connect: Connect, debug: Any) -> None:
+    client = connect(max_attempts=2, dead_letter="dead")
+    poison, good = new_task("g", pb.Test(foo="poison")), new_task("g", pb.Test(foo="good"))
+    poison.attempts = 2
+    client.create(poison, good)
+    got = client.query("g", 30)
+    assert unpack_data(got, pb.Test).foo == "good"
+    [parked] = debug("dead")
+    assert unpack_data(parked, pb.Test).foo == "poison" and parked.attempts == 2
+    assert "owned 2 times" in parked.error
+    worse = new_task("g", pb.Test(foo="worse"))
+    worse.attempts = 9
+    client.create(worse)
+    [taken] = client.query_many("g", 5, 30, max_attempts=0)  # 0: no limit for this call
+    assert (unpack_data(taken, pb.Test).foo, taken.attempts) == ("worse", 10)
+    client.disown(taken)
+    assert client.query_many("g", 5, 30, wait=False, max_attempts=10, dead_letter="dead") == []
+    assert [unpack_data(t, pb.Test).foo for t in debug("dead")] == ["poison", "worse"]
 
 
 # -- a waiting query on a fake clock --------------------------------------------------------------------------

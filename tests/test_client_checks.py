@@ -196,3 +196,42 @@ def test_no_target_dials_masstasker_target(masstasker_server: Any, monkeypatch: 
             return len(await client.peek_many("g", 5, wait=False))
 
     assert asyncio.run(main()) == 1
+
+
+# -- poison-task options ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("options", "error", "message"),
+    [
+        ({"max_attempts": 3}, ValueError, "needs dead_letter="),
+        ({"max_attempts": -1, "dead_letter": "dead"}, ValueError, "max_attempts must be between 0"),
+        ({"max_attempts": 2**32, "dead_letter": "dead"}, ValueError, "max_attempts must be between 0"),
+        ({"max_attempts": "3", "dead_letter": "dead"}, TypeError, "max_attempts must be an int"),
+        ({"max_attempts": True, "dead_letter": "dead"}, TypeError, "max_attempts must be an int"),
+        ({"max_attempts": 3, "dead_letter": ""}, ValueError, "dead_letter must name a group"),
+        ({"max_attempts": 3, "dead_letter": 7}, TypeError, "dead_letter must be a str"),
+    ],
+)
+def test_bad_poison_options_are_refused_by_clients_and_calls(
+    masstasker_server: Any, options: dict[str, Any], error: type[Exception], message: str
+) -> None:
+    for make in (Client, AsyncClient):
+        with pytest.raises(error, match=message):
+            make(masstasker_server.target, **options)
+    with Client(masstasker_server.target) as client:
+        client.create(new_task("g"))
+        for call in (
+            lambda: client.query("g", 30, **options),
+            lambda: client.query_many("g", 2, 30, **options),
+        ):
+            with pytest.raises(error, match=message):
+                call()
+        assert client.peek_many("g", 10, wait=False)[0].attempts == 0  # nothing was owned
+
+
+def test_a_dead_letter_group_equal_to_the_queried_group_is_refused(masstasker_client: Client) -> None:
+    masstasker_client.create(new_task("g"))
+    with pytest.raises(ValueError, match="another group"):
+        masstasker_client.query("g", 30, max_attempts=1, dead_letter="g")
+    assert masstasker_client.peek("g", wait=False).attempts == 0

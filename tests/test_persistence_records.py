@@ -109,7 +109,7 @@ def _run(store: Store, program: list[tuple[Any, ...]]) -> None:
     for op in program:
         if op[0] == "create":
             labels = (("n", str(op[3])),) if op[3] else None
-            store.update([TaskSpec(op[2], op[3], b"body", labels)] * op[1])
+            store.update([TaskSpec(op[2], op[3], b"\x32\x04body", labels)] * op[1])  # error="body"
         elif op[0] == "own":
             store.query(op[1], 10, 5, op[2])
         elif op[0] == "delete":

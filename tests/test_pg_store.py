@@ -19,6 +19,7 @@ import pytest
 
 psycopg = pytest.importorskip("psycopg")
 
+from masstasker.server.body import attempts_of, encode, error_of, owned_once_more, with_error  # noqa: E402
 from masstasker.server.stores.base import (  # noqa: E402
     GroupRef,
     IdRef,
@@ -75,6 +76,12 @@ async def raw(dsn: str) -> AsyncIterator[Any]:
 
 def spec(group: str, body: bytes = b"", labels: tuple[tuple[str, str], ...] | None = None) -> TaskSpec:
     return TaskSpec(group, None, body, labels)
+
+
+def body(text: str) -> bytes:
+    """A valid stored body that says ``text`` (its error field): owning rewrites a body's attempts, so
+    bodies a lease hands back must be real ones."""
+    return with_error(b"", text)
 
 
 # -- predicates are held until commit ------------------------------------------------------------
@@ -175,8 +182,8 @@ def test_racing_owners_on_two_stores_never_share_a_task(postgresql_dsn: str, pos
             opened(postgresql_dsn, postgresql_schema, pool_size=6) as a,
             opened(postgresql_dsn, postgresql_schema, pool_size=6) as b,
         ):
-            await a.update([spec("q", str(i).encode()) for i in range(count)])
-            seen: list[bytes] = []
+            await a.update([spec("q", body(str(i))) for i in range(count)])
+            seen: list[str] = []
 
             async def worker(store: PostgresStore) -> None:
                 idle = 0
@@ -188,11 +195,12 @@ def test_racing_owners_on_two_stores_never_share_a_task(postgresql_dsn: str, pos
                         await asyncio.sleep(0.01)
                         continue
                     idle = 0
-                    seen.extend(t.body for t in tasks)
+                    seen.extend(error_of(t.body) for t in tasks)
+                    assert all(attempts_of(t.body) == 1 for t in tasks)
                     await asyncio.gather(*(store.update([], [IdRef(t.id)]) for t in tasks))
 
             await asyncio.gather(*(worker(store) for store in (a, b) for _ in range(6)))
-            assert sorted(seen) == sorted(str(i).encode() for i in range(count))
+            assert sorted(seen) == sorted(str(i) for i in range(count))
             assert await a.debug("q", 0) == ([], 0)
 
     run(scenario(), timeout=120)
@@ -399,9 +407,9 @@ def test_a_waiter_on_one_store_is_woken_by_a_create_on_another(postgresql_dsn: s
             waiting = asyncio.create_task(a.wait("w", 0, 60 * SECOND, 1, 30.0))
             await eventually(lambda: asyncio.sleep(0, a.waiters.count == 1), "the waiter to wait")
             start = time.monotonic()
-            (created,) = await b.update([spec("w", b"hello")])
+            (created,) = await b.update([spec("w", body("hello"))])
             (task,) = await waiting
-            assert task.body == b"hello" and task.id > created
+            assert error_of(task.body) == "hello" and task.id > created
             assert time.monotonic() - start < 5.0
 
     run(scenario())
@@ -445,9 +453,9 @@ def test_a_cancelled_waiter_never_takes_the_task(postgresql_dsn: str, postgresql
             second = asyncio.create_task(store.wait("fifo", 0, 60 * SECOND, 1, 30.0))
             await eventually(lambda: asyncio.sleep(0, store.waiters.count == 2), "the second waiter")
             first.cancel()
-            await store.update([spec("fifo", b"only")])
+            await store.update([spec("fifo", body("only"))])
             (task,) = await second
-            assert task.body == b"only"
+            assert error_of(task.body) == "only"
             with pytest.raises(asyncio.CancelledError):
                 await first
             assert [t.id for t in (await store.debug("fifo", 0))[0]] == [task.id]
@@ -463,9 +471,9 @@ def test_waiters_are_served_first_come_first_served(postgresql_dsn: str, postgre
                 waiters.append(asyncio.create_task(store.wait("order", 0, 60 * SECOND, 1, 30.0)))
                 await eventually(lambda n=i + 1: asyncio.sleep(0, store.waiters.count == n), "waiter queued")
             for i in range(5):
-                await store.update([spec("order", str(i).encode())])
-            bodies = [(await w)[0].body for w in waiters]
-            assert bodies == [b"0", b"1", b"2", b"3", b"4"]
+                await store.update([spec("order", body(str(i)))])
+            bodies = [error_of((await w)[0].body) for w in waiters]
+            assert bodies == ["0", "1", "2", "3", "4"]
 
     run(scenario())
 
@@ -514,6 +522,22 @@ def test_losing_the_database_is_unavailable_then_recovers(
 # -- plans and options -----------------------------------------------------------------------------------
 
 
+def test_owning_raises_attempts_in_sql_exactly_as_in_memory(postgresql_dsn: str, postgresql_schema: str) -> None:
+    """The schema's owned_once_more against masstasker.server.body's, byte for byte, at every varint edge."""
+    bodies = [b"", b"\x1a\x03abc", with_error(b"", "boom"), b"8", b"\x38", b"\x38\x80", b"\x38\xff\xff"]
+    for count in (1, 2, 126, 127, 128, 255, 16383, 16384, 2**21, 2**32 - 2, 2**32 - 1):
+        bodies += [encode(count, b""), encode(count, with_error(b"", "x")), encode(count, b"\x52\x02hi")]
+
+    async def scenario() -> None:
+        async with opened(postgresql_dsn, postgresql_schema), raw(postgresql_dsn) as conn:
+            function = f"{quote_ident(postgresql_schema)}.owned_once_more"
+            for stored in bodies:
+                row = await (await conn.execute(f"SELECT {function}(%s::bytea)", (stored,))).fetchone()
+                assert row is not None and bytes(row[0]) == owned_once_more(stored), stored
+
+    run(scenario())
+
+
 def test_hot_statements_use_their_indexes(postgresql_dsn: str, postgresql_schema: str) -> None:
     """EXPLAIN the statements the lease path and Debug run: an index regression fails here."""
 
@@ -534,8 +558,9 @@ def test_hot_statements_use_their_indexes(postgresql_dsn: str, postgresql_schema
                     cur = await conn.execute("EXPLAIN " + statement, values)
                     return "\n".join(row[0] for row in await cur.fetchall())
 
-                for name in ("peek_head", "own_head", "next_hidden"):
-                    text = await plan(getattr(sql, name), params)
+                keyset = {**params, "after_s": now_s - 60, "after_ns": 0, "after_id": 7}
+                for name in ("peek_head", "own_head", "next_hidden", "lock_head"):
+                    text = await plan(getattr(sql, name), keyset)
                     assert "tasks_queue" in text and "Sort" not in text.split("tasks_queue")[0].split("\n")[-1], text
                 assert "tasks_queue" in await plan(sql.debug_group, {"grp": b"g3", "limit": 10})
                 assert "tasks_pkey" in await plan(sql.debug_all, {"limit": 10})

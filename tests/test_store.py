@@ -7,8 +7,11 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
+from masstasker._pb import masstasker_pb2 as pb
+from masstasker.server.body import dead_letter_message
 from masstasker.server.stores.memory.store import (
     BadRequest,
+    DeadLetter,
     GroupRef,
     IdRef,
     LabelRef,
@@ -125,13 +128,60 @@ def test_query_many_takes_visible_tasks_in_order(store: Store) -> None:
     store._check()
 
 
+def test_owning_counts_attempts_and_a_peek_does_not(store: Store) -> None:
+    store.update([spec(body=make_body(0, "x"))])
+    for expected in (1, 2, 3):
+        [owned] = store.query("g", NOW + expected * 100, own_for=10)
+        assert owned.body == make_body(expected, "x")
+    before = snapshot(store)
+    store.query("g", NOW + 1000, dead_letter=DeadLetter(1, "dead"))  # a peek: nothing parked
+    assert snapshot(store) == before
+    store._check()
+
+
+def test_a_task_owned_max_attempts_times_is_parked_and_the_next_one_owned(store: Store) -> None:
+    store.update([spec(body=make_body(2, "earlier"), not_before=NOW - 2, k="v"), spec(not_before=NOW - 1)])
+    owned = store.query("g", NOW, own_for=10, max_tasks=1, dead_letter=DeadLetter(2, "dead"))
+    assert [(t.id, t.group, t.body) for t in owned] == [(4, "g", make_body(1, ""))]
+    [parked] = store.group_tasks("dead")
+    reason = dead_letter_message(2)
+    assert "owned 2 times" in reason
+    assert (parked.id, parked.not_before, parked.labels) == (3, NOW, (("k", "v"),))
+    assert parked.body == make_body(2, f"earlier; {reason}")
+    assert store.get(1) is None and store.get(2) is None
+    store._check()
+
+
+def test_parked_tasks_do_not_count_toward_max_tasks(store: Store) -> None:
+    bodies = [make_body(a, "") for a in (3, 0, 3, 3, 1, 0)]
+    store.update([spec(body=b, not_before=NOW - 10 + i) for i, b in enumerate(bodies)])
+    owned = store.query("g", NOW, own_for=10, max_tasks=2, dead_letter=DeadLetter(3, "dead"))
+    assert [t.body for t in owned] == [make_body(1, ""), make_body(2, "")]
+    assert [t.body for t in store.group_tasks("dead")] == [make_body(3, dead_letter_message(3))] * 3
+    assert [t.body for t in store.group_tasks("g")] == [make_body(0, ""), make_body(1, ""), make_body(2, "")]
+    # Nothing but poison left visible: all parked, nothing returned.
+    store.update([spec("h", body=make_body(5, ""), not_before=NOW), spec("h", body=make_body(3, ""))])
+    assert store.query("h", NOW, own_for=10, max_tasks=5, dead_letter=DeadLetter(3, "dead")) == []
+    assert store.group_size("h") == 0 and store.group_size("dead") == 5
+    store._check()
+
+
+def test_max_attempts_needs_another_dead_letter_group(store: Store) -> None:
+    store.update([spec()])
+    before = snapshot(store)
+    for dead_letter in (DeadLetter(1, ""), DeadLetter(1, "g"), DeadLetter(0, "dead")):
+        with pytest.raises(BadRequest):
+            store.query("g", NOW, own_for=10, dead_letter=dead_letter)
+    assert snapshot(store) == before
+
+
 def test_bulk_set_rewrites_every_selected_task(store: Store) -> None:
-    store.update([spec("err", body=b"x", a="1"), spec("err"), spec("keep")])
+    store.update([spec("err", body=make_body(0, "x"), a="1"), spec("err"), spec("keep")])
     count = store.bulk_set([GroupRef("err")], group="main", not_before=7, labels=(("z", "9"),))
     assert count == 2
     moved = store.group_tasks("main")
     assert [(t.id, t.not_before, t.labels) for t in moved] == [(4, 7, (("z", "9"),)), (5, 7, (("z", "9"),))]
-    assert moved[0].body == b"x"
+    assert moved[0].body == make_body(0, "x")
     assert store.group_size("err") == 0
     with pytest.raises(NotFound):
         store.bulk_set([IdRef(1)], group="x")
@@ -170,13 +220,25 @@ GROUPS = st.sampled_from(["", "a", "b"])
 LABELS = st.dictionaries(st.sampled_from(["k", "l"]), st.sampled_from(["1", "2"]), max_size=2)
 SELECTORS = st.dictionaries(st.sampled_from(["k", "l"]), st.sampled_from(["1", "2"]), min_size=1, max_size=2)
 TIMES = st.integers(NOW - 3, NOW + 3)
+ATTEMPTS = st.sampled_from([0, 0, 1, 2, 127, 128, 2**32 - 1])
+ERRORS = st.sampled_from(["", "", "boom", "é"])
+
+
+def make_body(attempts: int, error: str) -> bytes:
+    """A valid stored body with these fields, built without the store's own helpers."""
+    task = pb.Task(error=error)
+    rest = task.SerializeToString()
+    if not attempts:
+        return rest
+    return pb.Task(attempts=attempts).SerializeToString() + rest  # attempts first, as the store keeps it
 
 
 class Model:
     """A list of tasks; every operation is a scan. Obviously right, slow."""
 
     def __init__(self) -> None:
-        self.tasks: dict[int, tuple[str, int, bytes, dict[str, str]]] = {}
+        # id -> (group, not_before, attempts, error, labels)
+        self.tasks: dict[int, tuple[str, int, int, str, dict[str, str]]] = {}
         self.next_id = 1
 
     def select(self, ref: Ref) -> list[int]:
@@ -186,37 +248,41 @@ class Model:
             return [ref.id]
         if isinstance(ref, GroupRef):  # queue order, so a BulkSet keeps the group's order
             return [i for _, i in sorted((t[1], i) for i, t in self.tasks.items() if t[0] == ref.group)]
-        return [i for i, t in self.tasks.items() if all(t[3].get(k) == v for k, v in ref.labels)]
+        return [i for i, t in self.tasks.items() if all(t[4].get(k) == v for k, v in ref.labels)]
 
-    def update(self, created: list[TaskSpec], deleted: list[Ref], preds: list[int], now: int) -> list[int]:
+    def add(self, task: tuple[str, int, int, str, dict[str, str]]) -> int:
+        self.tasks[self.next_id] = task
+        self.next_id += 1
+        return self.next_id - 1
+
+    def update(
+        self,
+        created: list[tuple[str, int | None, int, str, dict[str, str]]],
+        deleted: list[Ref],
+        preds: list[int],
+        now: int,
+    ) -> list[int]:
         if any(p not in self.tasks for p in preds):
             raise PreconditionFailed
         doomed = dict.fromkeys(i for ref in deleted for i in self.select(ref))
         for i in doomed:
             del self.tasks[i]
-        ids = []
-        for s in created:
-            self.tasks[self.next_id] = (
-                s.group,
-                now if s.not_before is None else s.not_before,
-                s.body,
-                dict(s.labels or ()),
-            )
-            ids.append(self.next_id)
-            self.next_id += 1
-        return ids
+        return [self.add((g, now if nb is None else nb, a, e, labels)) for g, nb, a, e, labels in created]
 
-    def query(self, group: str, now: int, own_for: int, max_tasks: int) -> list[int]:
-        order = sorted((t[1], i) for i, t in self.tasks.items() if t[0] == group and t[1] <= now)
-        picked = [i for _, i in order[: max(max_tasks, 1)]]
+    def query(self, group: str, now: int, own_for: int, max_tasks: int, max_attempts: int, dead: str) -> list[int]:
+        order = [i for _, i in sorted((t[1], i) for i, t in self.tasks.items() if t[0] == group and t[1] <= now)]
         if own_for <= 0:
-            return picked
+            return order[: max(max_tasks, 1)]
         out = []
-        for i in picked:
-            g, _, body, labels = self.tasks.pop(i)
-            self.tasks[self.next_id] = (g, now + own_for, body, labels)
-            out.append(self.next_id)
-            self.next_id += 1
+        for i in order:
+            if len(out) == max(max_tasks, 1):
+                break
+            g, _, attempts, error, labels = self.tasks.pop(i)
+            if max_attempts and attempts >= max_attempts:
+                reason = dead_letter_message(attempts)
+                self.add((dead, now, attempts, f"{error}; {reason}" if error else reason, labels))
+            else:
+                out.append(self.add((g, now + own_for, min(attempts + 1, 2**32 - 1), error, labels)))
         return out
 
 
@@ -250,26 +316,36 @@ class StoreAgainstModel(RuleBasedStateMachine):
     @rule(data=st.data(), n=st.integers(0, 3), n_del=st.integers(0, 2), n_pred=st.integers(0, 2))
     def update(self, data: st.DataObject, n: int, n_del: int, n_pred: int) -> None:
         created = [
-            TaskSpec(
-                data.draw(GROUPS),
-                data.draw(st.none() | TIMES),
-                data.draw(st.binary(max_size=3)),
-                tuple(sorted(data.draw(LABELS).items())) or None,
-            )
+            (data.draw(GROUPS), data.draw(st.none() | TIMES), data.draw(ATTEMPTS), data.draw(ERRORS), data.draw(LABELS))
             for _ in range(n)
+        ]
+        specs = [
+            TaskSpec(g, nb, make_body(a, e), tuple(sorted(labels.items())) or None) for g, nb, a, e, labels in created
         ]
         deleted = [data.draw(self.ref_strategy()) for _ in range(n_del)]
         preds = [data.draw(st.integers(1, self.model.next_id)) for _ in range(n_pred)]
         now = self.clock.now
         self.both(
-            lambda: self.store.update(created, deleted, preds),
+            lambda: self.store.update(specs, deleted, preds),
             lambda: self.model.update(created, deleted, preds, now),
         )
 
-    @rule(group=GROUPS, now=TIMES, own_for=st.sampled_from([0, 0, 1, 5]), max_tasks=st.integers(0, 3))
-    def query(self, group: str, now: int, own_for: int, max_tasks: int) -> None:
-        got = [t.id for t in self.store.query(group, now, own_for, max_tasks)]
-        assert got == self.model.query(group, now, own_for, max_tasks)
+    @rule(
+        group=GROUPS,
+        now=TIMES,
+        own_for=st.sampled_from([0, 0, 1, 5]),
+        max_tasks=st.integers(0, 3),
+        max_attempts=st.sampled_from([0, 0, 1, 2, 3]),
+        dead=st.sampled_from(["dead", "a"]),
+    )
+    def query(self, group: str, now: int, own_for: int, max_tasks: int, max_attempts: int, dead: str) -> None:
+        dead_letter = DeadLetter(max_attempts, dead) if max_attempts else None
+        if max_attempts and dead == group:
+            with pytest.raises(BadRequest):
+                self.store.query(group, now, own_for, max_tasks, dead_letter)
+            return
+        got = self.store.query(group, now, own_for, max_tasks, dead_letter)
+        assert [t.id for t in got] == self.model.query(group, now, own_for, max_tasks, max_attempts, dead)
 
     @precondition(lambda self: self.model.tasks)
     @rule(data=st.data(), group=st.none() | st.sampled_from(["a", "b"]), not_before=st.none() | TIMES)
@@ -280,15 +356,8 @@ class StoreAgainstModel(RuleBasedStateMachine):
             doomed = list(dict.fromkeys(self.model.select(ref)))
             created = []
             for i in doomed:
-                g, nb, body, labels = self.model.tasks[i]
-                created.append(
-                    TaskSpec(
-                        g if group is None else group,
-                        nb if not_before is None else not_before,
-                        body,
-                        tuple(sorted(labels.items())) or None,
-                    )
-                )
+                g, nb, a, e, labels = self.model.tasks[i]
+                created.append((g if group is None else group, nb if not_before is None else not_before, a, e, labels))
             self.model.update(created, [IdRef(i) for i in doomed], [], self.clock.now)
             return len(doomed)
 
@@ -301,17 +370,17 @@ class StoreAgainstModel(RuleBasedStateMachine):
     @invariant()
     def agrees(self) -> None:
         self.store._check()
-        assert {
-            t.id: (t.group, t.not_before, t.body, dict(t.labels or ())) for t in self.store.all_tasks()
-        } == self.model.tasks
+        assert {t.id: (t.group, t.not_before, t.body, dict(t.labels or ())) for t in self.store.all_tasks()} == {
+            i: (g, nb, make_body(a, e), labels) for i, (g, nb, a, e, labels) in self.model.tasks.items()
+        }
         assert self.store.next_id == self.model.next_id
-        for group in ("", "a", "b"):
+        for group in ("", "a", "b", "dead"):
             order = sorted((t[1], i) for i, t in self.model.tasks.items() if t[0] == group)
             assert [t.id for t in self.store.group_tasks(group)] == [i for _, i in order]
 
 
 TestStoreAgainstModel = StoreAgainstModel.TestCase
-TestStoreAgainstModel.settings = settings(max_examples=100, stateful_step_count=25, deadline=None)
+TestStoreAgainstModel.settings = settings(max_examples=150, stateful_step_count=25, deadline=None)
 
 
 def test_stored_task_repr() -> None:

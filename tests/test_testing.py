@@ -182,7 +182,7 @@ def test_the_plugin_is_registered_for_any_project(tmp_path: Path) -> None:
 
 
 def test_the_readme_worker_loop_does_what_it_says(masstasker_client: Client, masstasker_server: Any) -> None:
-    (example,) = (block for block in readme_examples() if "while True:" in block)
+    (example,) = (block for block in readme_examples() if "while True:" in block and "max_attempts" not in block)
     # The same code, against this test's server, for as many rounds as there are tasks.
     example = example.replace("127.0.0.1:50053", masstasker_server.target).replace("while True:", "for _ in range(2):")
     masstasker_client.create(new_task("work", pb.Test(foo="42")), new_task("work", pb.Test(foo="forty-two")))
@@ -191,6 +191,27 @@ def test_the_readme_worker_loop_does_what_it_says(masstasker_client: Client, mas
     assert [unpack_data(t, pb.Test).foo for t in done] == ["1764"]
     errors = masstasker_client.rpc.Debug(pb.DebugRequest(group="errors")).tasks
     assert [t.error for t in errors] == ["invalid literal for int() with base 10: 'forty-two'"]
+    assert masstasker_client.peek_many("work", 10, wait=False) == []
+
+
+def test_the_readme_poison_loop_parks_a_task_that_used_up_its_tries(
+    masstasker_client: Client, masstasker_server: Any
+) -> None:
+    first, guarded = (block for block in readme_examples() if "while True:" in block)
+    names: dict[str, Any] = {}
+    exec(compile(first.replace("while True:", "for _ in range(0):"), "README.md", "exec"), names)  # square, imports
+    poison = new_task("work", pb.Test(foo="segfaults"))
+    poison.attempts = 3  # as if it had taken down three workers already
+    masstasker_client.create(poison, new_task("work", pb.Test(foo="7")), new_task("work", pb.Test(foo="x")))
+    loop = guarded.replace("127.0.0.1:50053", masstasker_server.target).replace("while True:", "for _ in range(2):")
+    exec(compile(loop, "README.md", "exec"), names)
+    [parked] = masstasker_client.rpc.Debug(pb.DebugRequest(group="poison")).tasks
+    assert (unpack_data(parked, pb.Test).foo, parked.attempts) == ("segfaults", 3)
+    assert "owned 3 times without completing" in parked.error
+    done = masstasker_client.rpc.Debug(pb.DebugRequest(group="done")).tasks
+    assert [(unpack_data(t, pb.Test).foo, t.attempts) for t in done] == [("49", 0)]
+    errors = masstasker_client.rpc.Debug(pb.DebugRequest(group="errors")).tasks
+    assert [(t.error, t.attempts) for t in errors] == [("invalid literal for int() with base 10: 'x'", 1)]
     assert masstasker_client.peek_many("work", 10, wait=False) == []
 
 

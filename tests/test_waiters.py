@@ -12,6 +12,7 @@ from typing import TypeVar
 
 import pytest
 
+from masstasker.server.body import error_of
 from masstasker.server.stores.memory.store import NANOS_PER_SECOND, Store, StoredTask, TaskSpec
 from masstasker.server.stores.memory.waiters import ShuttingDown, Waiters
 
@@ -92,10 +93,10 @@ def test_waiters_are_served_in_arrival_order() -> None:
         waiting = [bench.wait(name) for name in "abc"]
         await bench.until_waiting(3)
         for i in range(3):
-            bench.create(body=bytes([i]))
+            bench.create(body=bytes([0x32, 1, ord("0") + i]))  # a body whose error is "0", "1", "2"
             await bench.settle()
-        results = [(await asyncio.wait_for(w, STEP))[0].body for w in waiting]
-        assert bench.taken == ["a", "b", "c"] and results == [b"\0", b"\1", b"\2"]
+        results = [error_of((await asyncio.wait_for(w, STEP))[0].body) for w in waiting]
+        assert bench.taken == ["a", "b", "c"] and results == ["0", "1", "2"]
         assert bench.waiters.count == 0
 
     run(body)

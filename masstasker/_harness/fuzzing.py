@@ -123,6 +123,8 @@ def tasks(draw: st.DrawFn) -> pb.Task:
         draw(_ts(task.not_before))
     if draw(st.booleans()):
         task.error = draw(text)
+    if draw(st.booleans()):
+        task.attempts = draw(st.one_of(st.integers(0, 4), uint32))
     return task
 
 
@@ -170,6 +172,9 @@ def query_requests(draw: st.DrawFn) -> pb.QueryRequest:
     if draw(st.booleans()):
         draw(_ts(request.now))
     request.max_tasks = draw(st.one_of(st.integers(0, 3), uint32))
+    if draw(st.booleans()):  # poison-task options: sometimes sound, sometimes each rule broken
+        request.max_attempts = draw(st.one_of(st.integers(0, 3), uint32))
+        request.dead_letter_group = draw(st.one_of(small_groups, text, st.just(request.group)))
     return request
 
 

@@ -28,7 +28,7 @@ from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x10masstasker.proto\x12\nmasstasker\x1a\x19google/protobuf/any.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xe1\x01\n\x04Task\x12\n\n\x02id\x18\x01 \x01(\x04\x12\r\n\x05group\x18\x02 \x01(\t\x12\"\n\x04\x64\x61ta\x18\x03 \x01(\x0b\x32\x14.google.protobuf.Any\x12,\n\x06labels\x18\x04 \x03(\x0b\x32\x1c.masstasker.Task.LabelsEntry\x12.\n\nnot_before\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05\x65rror\x18\x06 \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"^\n\x07TaskRef\x12\x0c\n\x02id\x18\x01 \x01(\x04H\x00\x12-\n\x08selector\x18\x02 \x01(\x0b\x32\x19.masstasker.LabelSelectorH\x00\x12\x0f\n\x05group\x18\x03 \x01(\tH\x00\x42\x05\n\x03sel\"u\n\rLabelSelector\x12\x35\n\x06labels\x18\x01 \x03(\x0b\x32%.masstasker.LabelSelector.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"l\n\rUpdateRequest\x12!\n\x07\x63reated\x18\x01 \x03(\x0b\x32\x10.masstasker.Task\x12$\n\x07\x64\x65leted\x18\x02 \x03(\x0b\x32\x13.masstasker.TaskRef\x12\x12\n\npredicates\x18\x03 \x03(\x04\"%\n\x0eUpdateResponse\x12\x13\n\x0b\x63reated_ids\x18\x01 \x03(\x04\"\x93\x01\n\x0cQueryRequest\x12\r\n\x05group\x18\x01 \x01(\t\x12*\n\x07own_for\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\'\n\x03now\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04wait\x18\x05 \x01(\x08\x12\x11\n\tmax_tasks\x18\x06 \x01(\r\"P\n\rQueryResponse\x12\x1e\n\x04task\x18\x01 \x01(\x0b\x32\x10.masstasker.Task\x12\x1f\n\x05tasks\x18\x02 \x03(\x0b\x32\x10.masstasker.Task\"W\n\x0e\x42ulkSetRequest\x12 \n\x03ref\x18\x01 \x03(\x0b\x32\x13.masstasker.TaskRef\x12#\n\tprototype\x18\x02 \x01(\x0b\x32\x10.masstasker.Task\"&\n\x0f\x42ulkSetResponse\x12\x13\n\x0bnum_updated\x18\x01 \x01(\x04\",\n\x0c\x44\x65\x62ugRequest\x12\r\n\x05group\x18\x01 \x01(\t\x12\r\n\x05limit\x18\x02 \x01(\x04\"C\n\rDebugResponse\x12\x1f\n\x05tasks\x18\x01 \x03(\x0b\x32\x10.masstasker.Task\x12\x11\n\tnum_tasks\x18\x02 \x01(\x04\"\x13\n\x04Test\x12\x0b\n\x03\x66oo\x18\x01 \x01(\t2\x8d\x02\n\nMassTasker\x12?\n\x06Update\x12\x19.masstasker.UpdateRequest\x1a\x1a.masstasker.UpdateResponse\x12<\n\x05Query\x12\x18.masstasker.QueryRequest\x1a\x19.masstasker.QueryResponse\x12\x42\n\x07\x42ulkSet\x12\x1a.masstasker.BulkSetRequest\x1a\x1b.masstasker.BulkSetResponse\x12<\n\x05\x44\x65\x62ug\x12\x18.masstasker.DebugRequest\x1a\x19.masstasker.DebugResponseB\x1eZ\x1cmkm.pub/masstasker/pkg/protob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x10masstasker.proto\x12\nmasstasker\x1a\x19google/protobuf/any.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xf3\x01\n\x04Task\x12\n\n\x02id\x18\x01 \x01(\x04\x12\r\n\x05group\x18\x02 \x01(\t\x12\"\n\x04\x64\x61ta\x18\x03 \x01(\x0b\x32\x14.google.protobuf.Any\x12,\n\x06labels\x18\x04 \x03(\x0b\x32\x1c.masstasker.Task.LabelsEntry\x12.\n\nnot_before\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05\x65rror\x18\x06 \x01(\t\x12\x10\n\x08\x61ttempts\x18\x07 \x01(\r\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"^\n\x07TaskRef\x12\x0c\n\x02id\x18\x01 \x01(\x04H\x00\x12-\n\x08selector\x18\x02 \x01(\x0b\x32\x19.masstasker.LabelSelectorH\x00\x12\x0f\n\x05group\x18\x03 \x01(\tH\x00\x42\x05\n\x03sel\"u\n\rLabelSelector\x12\x35\n\x06labels\x18\x01 \x03(\x0b\x32%.masstasker.LabelSelector.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"l\n\rUpdateRequest\x12!\n\x07\x63reated\x18\x01 \x03(\x0b\x32\x10.masstasker.Task\x12$\n\x07\x64\x65leted\x18\x02 \x03(\x0b\x32\x13.masstasker.TaskRef\x12\x12\n\npredicates\x18\x03 \x03(\x04\"%\n\x0eUpdateResponse\x12\x13\n\x0b\x63reated_ids\x18\x01 \x03(\x04\"\xc4\x01\n\x0cQueryRequest\x12\r\n\x05group\x18\x01 \x01(\t\x12*\n\x07own_for\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\'\n\x03now\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04wait\x18\x05 \x01(\x08\x12\x11\n\tmax_tasks\x18\x06 \x01(\r\x12\x14\n\x0cmax_attempts\x18\x07 \x01(\r\x12\x19\n\x11\x64\x65\x61\x64_letter_group\x18\x08 \x01(\t\"P\n\rQueryResponse\x12\x1e\n\x04task\x18\x01 \x01(\x0b\x32\x10.masstasker.Task\x12\x1f\n\x05tasks\x18\x02 \x03(\x0b\x32\x10.masstasker.Task\"W\n\x0e\x42ulkSetRequest\x12 \n\x03ref\x18\x01 \x03(\x0b\x32\x13.masstasker.TaskRef\x12#\n\tprototype\x18\x02 \x01(\x0b\x32\x10.masstasker.Task\"&\n\x0f\x42ulkSetResponse\x12\x13\n\x0bnum_updated\x18\x01 \x01(\x04\",\n\x0c\x44\x65\x62ugRequest\x12\r\n\x05group\x18\x01 \x01(\t\x12\r\n\x05limit\x18\x02 \x01(\x04\"C\n\rDebugResponse\x12\x1f\n\x05tasks\x18\x01 \x03(\x0b\x32\x10.masstasker.Task\x12\x11\n\tnum_tasks\x18\x02 \x01(\x04\"\x13\n\x04Test\x12\x0b\n\x03\x66oo\x18\x01 \x01(\t2\x8d\x02\n\nMassTasker\x12?\n\x06Update\x12\x19.masstasker.UpdateRequest\x1a\x1a.masstasker.UpdateResponse\x12<\n\x05Query\x12\x18.masstasker.QueryRequest\x1a\x19.masstasker.QueryResponse\x12\x42\n\x07\x42ulkSet\x12\x1a.masstasker.BulkSetRequest\x1a\x1b.masstasker.BulkSetResponse\x12<\n\x05\x44\x65\x62ug\x12\x18.masstasker.DebugRequest\x1a\x19.masstasker.DebugResponseB\x1eZ\x1cmkm.pub/masstasker/pkg/protob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -41,33 +41,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LABELSELECTOR_LABELSENTRY']._loaded_options = None
   _globals['_LABELSELECTOR_LABELSENTRY']._serialized_options = b'8\001'
   _globals['_TASK']._serialized_start=125
-  _globals['_TASK']._serialized_end=350
-  _globals['_TASK_LABELSENTRY']._serialized_start=305
-  _globals['_TASK_LABELSENTRY']._serialized_end=350
-  _globals['_TASKREF']._serialized_start=352
-  _globals['_TASKREF']._serialized_end=446
-  _globals['_LABELSELECTOR']._serialized_start=448
-  _globals['_LABELSELECTOR']._serialized_end=565
-  _globals['_LABELSELECTOR_LABELSENTRY']._serialized_start=305
-  _globals['_LABELSELECTOR_LABELSENTRY']._serialized_end=350
-  _globals['_UPDATEREQUEST']._serialized_start=567
-  _globals['_UPDATEREQUEST']._serialized_end=675
-  _globals['_UPDATERESPONSE']._serialized_start=677
-  _globals['_UPDATERESPONSE']._serialized_end=714
-  _globals['_QUERYREQUEST']._serialized_start=717
-  _globals['_QUERYREQUEST']._serialized_end=864
-  _globals['_QUERYRESPONSE']._serialized_start=866
-  _globals['_QUERYRESPONSE']._serialized_end=946
-  _globals['_BULKSETREQUEST']._serialized_start=948
-  _globals['_BULKSETREQUEST']._serialized_end=1035
-  _globals['_BULKSETRESPONSE']._serialized_start=1037
-  _globals['_BULKSETRESPONSE']._serialized_end=1075
-  _globals['_DEBUGREQUEST']._serialized_start=1077
-  _globals['_DEBUGREQUEST']._serialized_end=1121
-  _globals['_DEBUGRESPONSE']._serialized_start=1123
-  _globals['_DEBUGRESPONSE']._serialized_end=1190
-  _globals['_TEST']._serialized_start=1192
-  _globals['_TEST']._serialized_end=1211
-  _globals['_MASSTASKER']._serialized_start=1214
-  _globals['_MASSTASKER']._serialized_end=1483
+  _globals['_TASK']._serialized_end=368
+  _globals['_TASK_LABELSENTRY']._serialized_start=323
+  _globals['_TASK_LABELSENTRY']._serialized_end=368
+  _globals['_TASKREF']._serialized_start=370
+  _globals['_TASKREF']._serialized_end=464
+  _globals['_LABELSELECTOR']._serialized_start=466
+  _globals['_LABELSELECTOR']._serialized_end=583
+  _globals['_LABELSELECTOR_LABELSENTRY']._serialized_start=323
+  _globals['_LABELSELECTOR_LABELSENTRY']._serialized_end=368
+  _globals['_UPDATEREQUEST']._serialized_start=585
+  _globals['_UPDATEREQUEST']._serialized_end=693
+  _globals['_UPDATERESPONSE']._serialized_start=695
+  _globals['_UPDATERESPONSE']._serialized_end=732
+  _globals['_QUERYREQUEST']._serialized_start=735
+  _globals['_QUERYREQUEST']._serialized_end=931
+  _globals['_QUERYRESPONSE']._serialized_start=933
+  _globals['_QUERYRESPONSE']._serialized_end=1013
+  _globals['_BULKSETREQUEST']._serialized_start=1015
+  _globals['_BULKSETREQUEST']._serialized_end=1102
+  _globals['_BULKSETRESPONSE']._serialized_start=1104
+  _globals['_BULKSETRESPONSE']._serialized_end=1142
+  _globals['_DEBUGREQUEST']._serialized_start=1144
+  _globals['_DEBUGREQUEST']._serialized_end=1188
+  _globals['_DEBUGRESPONSE']._serialized_start=1190
+  _globals['_DEBUGRESPONSE']._serialized_end=1257
+  _globals['_TEST']._serialized_start=1259
+  _globals['_TEST']._serialized_end=1278
+  _globals['_MASSTASKER']._serialized_start=1281
+  _globals['_MASSTASKER']._serialized_end=1550
 # @@protoc_insertion_point(module_scope)

@@ -56,9 +56,14 @@ class Task(_message.Message):
     LABELS_FIELD_NUMBER: _builtins.int
     NOT_BEFORE_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
+    ATTEMPTS_FIELD_NUMBER: _builtins.int
     id: _builtins.int
     group: _builtins.str
     error: _builtins.str
+    attempts: _builtins.int
+    """Extension: how many times a Query has owned this task. Clients keep it
+    across updates, moves and disowns; a new task starts at 0 unless set.
+    """
     @_builtins.property
     def data(self) -> _any_pb2.Any: ...
     @_builtins.property
@@ -74,10 +79,11 @@ class Task(_message.Message):
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         not_before: _timestamp_pb2.Timestamp | None = ...,
         error: _builtins.str = ...,
+        attempts: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "not_before", b"not_before"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "error", b"error", "group", b"group", "id", b"id", "labels", b"labels", "not_before", b"not_before"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "data", b"data", "error", b"error", "group", b"group", "id", b"id", "labels", b"labels", "not_before", b"not_before"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -208,10 +214,18 @@ class QueryRequest(_message.Message):
     NOW_FIELD_NUMBER: _builtins.int
     WAIT_FIELD_NUMBER: _builtins.int
     MAX_TASKS_FIELD_NUMBER: _builtins.int
+    MAX_ATTEMPTS_FIELD_NUMBER: _builtins.int
+    DEAD_LETTER_GROUP_FIELD_NUMBER: _builtins.int
     group: _builtins.str
     wait: _builtins.bool
     max_tasks: _builtins.int
     """Extension: 0 or 1 returns one task (as Go); N > 1 up to N visible tasks."""
+    max_attempts: _builtins.int
+    """Extension: 0 = no limit. N > 0: an owning Query moves a head task that
+    was already owned N times to dead_letter_group instead of returning it.
+    """
+    dead_letter_group: _builtins.str
+    """Extension: where tasks past max_attempts go; required with max_attempts."""
     @_builtins.property
     def own_for(self) -> _duration_pb2.Duration: ...
     @_builtins.property
@@ -224,10 +238,12 @@ class QueryRequest(_message.Message):
         now: _timestamp_pb2.Timestamp | None = ...,
         wait: _builtins.bool = ...,
         max_tasks: _builtins.int = ...,
+        max_attempts: _builtins.int = ...,
+        dead_letter_group: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["now", b"now", "own_for", b"own_for"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["group", b"group", "max_tasks", b"max_tasks", "now", b"now", "own_for", b"own_for", "wait", b"wait"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dead_letter_group", b"dead_letter_group", "group", b"group", "max_attempts", b"max_attempts", "max_tasks", b"max_tasks", "now", b"now", "own_for", b"own_for", "wait", b"wait"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -49,6 +49,7 @@ __all__ = [
     "DEFAULT_HEARTBEAT",
     "DEFAULT_OWN_FOR",
     "DEFAULT_QUERY_RETRY_PAUSE",
+    "MAX_ATTEMPTS",
     "MAX_QUERY_TASKS",
     "TARGET_ENV",
     "Call",
@@ -59,6 +60,7 @@ __all__ = [
     "Pause",
     "Step",
     "Tick",
+    "check_poison_options",
     "commit_or_move_ops",
     "do_flow",
     "heartbeat_flow",
@@ -78,6 +80,8 @@ DEFAULT_QUERY_RETRY_PAUSE = 5.0
 client's value, which keeps thousands of idle workers from hammering a Go server that cannot wait."""
 MAX_QUERY_TASKS = 2**32 - 1
 """``QueryRequest.max_tasks`` is a uint32."""
+MAX_ATTEMPTS = 2**32 - 1
+"""``QueryRequest.max_attempts`` is a uint32."""
 TARGET_ENV = "MASSTASKER_TARGET"
 """The environment variable a client dials when it is given no target."""
 
@@ -139,6 +143,26 @@ def optional_seconds(value: Seconds | None, *, name: str) -> float | None:
     return None if value is None else to_seconds(value, name=name)
 
 
+def check_poison_options(max_attempts: object, dead_letter: object) -> tuple[int, str]:
+    """``max_attempts`` and ``dead_letter`` checked as a pair: ``(0, "")`` means no limit.
+
+    ``dead_letter`` None is "not set"; the empty group cannot be a dead-letter group, since on the wire
+    an empty ``dead_letter_group`` means unset.
+    """
+    if not isinstance(max_attempts, int) or isinstance(max_attempts, bool):
+        raise TypeError(f"max_attempts must be an int, got {max_attempts!r}")
+    if not 0 <= max_attempts <= MAX_ATTEMPTS:
+        raise ValueError(f"max_attempts must be between 0 (no limit) and {MAX_ATTEMPTS}, got {max_attempts}")
+    if dead_letter is None:
+        if max_attempts:
+            raise ValueError(f"max_attempts={max_attempts} needs dead_letter=, the group where poison tasks go")
+        return max_attempts, ""
+    group = check_group(dead_letter, name="dead_letter")
+    if not group:
+        raise ValueError("dead_letter must name a group; the empty group cannot be one")
+    return max_attempts, group
+
+
 def do_flow(ops: Sequence[Op], *, clock: Clock, timeout: float | None) -> Flow[None]:
     """``do(*ops)``: one atomic Update; on success the new IDs are written into the caller's tasks."""
     plan = build_update(ops, clock.now())
@@ -156,6 +180,8 @@ def query_flow(
     timeout: float | None,
     clock: Clock,
     retry_pause: float,
+    max_attempts: int = 0,
+    dead_letter: str = "",
     monotonic: Callable[[], float] = time.monotonic,
 ) -> Flow[list[pb.Task]]:
     """``query``/``query_many``: the visible head(s) of ``group``, owned for ``own_for`` if it is positive.
@@ -165,9 +191,12 @@ def query_flow(
     ``now``), is asked again after ``retry_pause``, until ``timeout`` (real seconds, overall) runs out;
     then ``DeadlineExceeded`` is raised. A wait cut short by the clock jumping (``ClockAdvanced``) is asked
     again at once, with the new ``now``. Without ``wait``, nothing visible raises ``TaskNotFound`` at once
-    — or, for ``many`` (``query_many``), returns an empty list.
+    — or, for ``many`` (``query_many``), returns an empty list. ``max_attempts``/``dead_letter`` (checked
+    by ``check_poison_options``) ask the server to park, instead of returning, a task owned that many times.
     """
     check_group(group)
+    if max_attempts and dead_letter == group:
+        raise ValueError(f"dead_letter must be another group than the one queried ({group!r})")
     if not isinstance(max_tasks, int) or isinstance(max_tasks, bool):
         raise TypeError(f"max_tasks must be an int, got {max_tasks!r}")
     if not 1 <= max_tasks <= MAX_QUERY_TASKS:
@@ -190,6 +219,8 @@ def query_flow(
             wait=wait,
             # 0 keeps the request byte-identical to Go's for the common single-task case.
             max_tasks=max_tasks if max_tasks > 1 else 0,
+            max_attempts=max_attempts,
+            dead_letter_group=dead_letter if max_attempts else "",
         )
         pause = retry_pause
         try:
@@ -248,6 +279,10 @@ class Lease:
     The heartbeat renews a private copy of the task (``held``) and never touches the caller's object
     while the work runs, so the two cannot race on the ID; ``finish`` writes the current ID (and the
     lease's ``not_before``) into the caller's task once the heartbeat has stopped.
+
+    A renewal is not a new attempt: it is an Update (``Reown``) that deletes the task and creates a copy of
+    ``held`` with a later ``not_before`` — every other field, ``attempts`` included, as the Query returned
+    it. Only an owning Query raises ``attempts``.
     """
 
     def __init__(self, task: pb.Task, *, heartbeat: Seconds, own_for: Seconds, clock: Clock) -> None:
@@ -300,18 +335,47 @@ class ClientBase:
     clock: Clock
     query_retry_pause: float
     wait_for_ready: bool
+    max_attempts: int
+    """The default ``max_attempts`` of ``query``/``query_many`` (0: no limit)."""
+    dead_letter: str | None
+    """The default ``dead_letter`` group of ``query``/``query_many``."""
 
-    def _configure(self, *, clock: Clock | None, query_retry_pause: Seconds, wait_for_ready: bool) -> None:
+    def _configure(
+        self,
+        *,
+        clock: Clock | None,
+        query_retry_pause: Seconds,
+        wait_for_ready: bool,
+        max_attempts: int = 0,
+        dead_letter: str | None = None,
+    ) -> None:
         self.clock = clock if clock is not None else SystemClock()
         self.query_retry_pause = to_seconds(query_retry_pause, name="query_retry_pause")
         self.wait_for_ready = wait_for_ready
+        check_poison_options(max_attempts, dead_letter)
+        self.max_attempts = max_attempts
+        self.dead_letter = dead_letter
 
     def _do_flow(self, ops: Sequence[Op], timeout: Seconds | None) -> Flow[None]:
         return do_flow(ops, clock=self.clock, timeout=optional_seconds(timeout, name="timeout"))
 
     def _query_flow(
-        self, group: str, own_for: Seconds, *, wait: bool, max_tasks: int, many: bool, timeout: Seconds | None
+        self,
+        group: str,
+        own_for: Seconds,
+        *,
+        wait: bool,
+        max_tasks: int,
+        many: bool,
+        timeout: Seconds | None,
+        max_attempts: int | None = None,
+        dead_letter: str | None = None,
     ) -> Flow[list[pb.Task]]:
+        """The query flow; ``max_attempts``/``dead_letter`` None take the client's defaults."""
+        limit, dead = check_poison_options(
+            self.max_attempts if max_attempts is None else max_attempts,
+            self.dead_letter if dead_letter is None else dead_letter,
+        )
         return query_flow(
             group,
             own_for,
@@ -321,6 +385,8 @@ class ClientBase:
             timeout=optional_seconds(timeout, name="timeout"),
             clock=self.clock,
             retry_pause=self.query_retry_pause,
+            max_attempts=limit,
+            dead_letter=dead,
         )
 
     def _lease(self, task: pb.Task, heartbeat: Seconds, own_for: Seconds) -> Lease:

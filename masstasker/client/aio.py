@@ -57,8 +57,11 @@ class AsyncClient(ClientBase):
         clock: Clock | None = None,
         query_retry_pause: Seconds = DEFAULT_QUERY_RETRY_PAUSE,
         wait_for_ready: bool = False,
+        max_attempts: int = 0,
+        dead_letter: str | None = None,
     ) -> None:
-        """Remember how to dial ``target`` (checked now); the options are those of ``Client``."""
+        """Remember how to dial ``target`` (checked now); the options (``max_attempts``/``dead_letter``
+        included) are those of ``Client``."""
         self.target = resolve_target(target)
         self._credentials = credentials
         bearer = resolve_token(token)  # now, so a bad MASSTASKER_TOKEN fails here and not at the first call
@@ -69,7 +72,13 @@ class AsyncClient(ClientBase):
         self._stub: pb_grpc.MassTaskerAsyncStub | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._owns_channel = True
-        self._configure(clock=clock, query_retry_pause=query_retry_pause, wait_for_ready=wait_for_ready)
+        self._configure(
+            clock=clock,
+            query_retry_pause=query_retry_pause,
+            wait_for_ready=wait_for_ready,
+            max_attempts=max_attempts,
+            dead_letter=dead_letter,
+        )
 
     @classmethod
     def from_channel(
@@ -79,6 +88,8 @@ class AsyncClient(ClientBase):
         clock: Clock | None = None,
         query_retry_pause: Seconds = DEFAULT_QUERY_RETRY_PAUSE,
         wait_for_ready: bool = False,
+        max_attempts: int = 0,
+        dead_letter: str | None = None,
     ) -> AsyncClient:
         """A client on an existing ``grpc.aio`` channel. The channel stays yours: ``close()`` leaves it open."""
         client = cls.__new__(cls)
@@ -90,7 +101,13 @@ class AsyncClient(ClientBase):
         client._stub = pb_grpc.MassTaskerStub(channel)
         client._loop = None  # not ours to re-make, whatever loop it is on
         client._owns_channel = False
-        client._configure(clock=clock, query_retry_pause=query_retry_pause, wait_for_ready=wait_for_ready)
+        client._configure(
+            clock=clock,
+            query_retry_pause=query_retry_pause,
+            wait_for_ready=wait_for_ready,
+            max_attempts=max_attempts,
+            dead_letter=dead_letter,
+        )
         return client
 
     @property
@@ -214,10 +231,26 @@ class AsyncClient(ClientBase):
         await self._run(self._do_flow(ops, timeout))
 
     async def query(
-        self, group: str, own_for: Seconds, *, wait: bool = True, timeout: Seconds | None = None
+        self,
+        group: str,
+        own_for: Seconds,
+        *,
+        wait: bool = True,
+        timeout: Seconds | None = None,
+        max_attempts: int | None = None,
+        dead_letter: str | None = None,
     ) -> pb.Task:
         """The head of ``group``, leased for ``own_for`` (required; 0 peeks); see ``Client.query``."""
-        flow = self._query_flow(group, own_for, wait=wait, max_tasks=1, many=False, timeout=timeout)
+        flow = self._query_flow(
+            group,
+            own_for,
+            wait=wait,
+            max_tasks=1,
+            many=False,
+            timeout=timeout,
+            max_attempts=max_attempts,
+            dead_letter=dead_letter,
+        )
         return (await self._run(flow))[0]
 
     async def query_many(
@@ -228,11 +261,21 @@ class AsyncClient(ClientBase):
         *,
         wait: bool = True,
         timeout: Seconds | None = None,
+        max_attempts: int | None = None,
+        dead_letter: str | None = None,
     ) -> list[pb.Task]:
         """Up to ``max_tasks`` visible tasks from the head of ``group``; see ``Client.query_many``."""
-        return await self._run(
-            self._query_flow(group, own_for, wait=wait, max_tasks=max_tasks, many=True, timeout=timeout)
+        flow = self._query_flow(
+            group,
+            own_for,
+            wait=wait,
+            max_tasks=max_tasks,
+            many=True,
+            timeout=timeout,
+            max_attempts=max_attempts,
+            dead_letter=dead_letter,
         )
+        return await self._run(flow)
 
     async def peek(self, group: str, *, wait: bool = True, timeout: Seconds | None = None) -> pb.Task:
         """The head of ``group`` without leasing it; see ``Client.peek``."""

@@ -60,6 +60,8 @@ class Client(ClientBase):
         clock: Clock | None = None,
         query_retry_pause: Seconds = DEFAULT_QUERY_RETRY_PAUSE,
         wait_for_ready: bool = False,
+        max_attempts: int = 0,
+        dead_letter: str | None = None,
     ) -> None:
         """Dial ``target`` (None: ``$MASSTASKER_TARGET``; ``TypeError`` if neither names a server, ``ValueError``
         for an empty string). ``clock`` stamps times (default: the system clock); ``query_retry_pause`` is how
@@ -67,7 +69,8 @@ class Client(ClientBase):
         for the server to come up instead of failing with ``Unavailable``. ``token`` is sent as
         ``authorization: Bearer <token>`` on every call; None reads ``MASSTASKER_TOKEN``, ``""`` sends none.
         ``credentials`` come from ``grpc.ssl_channel_credentials`` (add a client key and certificate for
-        a server that requires them)."""
+        a server that requires them). ``max_attempts`` and ``dead_letter`` are the defaults of ``query``
+        and ``query_many`` (see ``query``): set them once for a worker that guards against poison tasks."""
         target = resolve_target(target)
         bearer = resolve_token(token)
         if credentials is None:
@@ -77,7 +80,13 @@ class Client(ClientBase):
         if bearer is not None:
             channel = grpc.intercept_channel(channel, BearerInterceptor(bearer))
         self._setup(channel, owns_channel=True)
-        self._configure(clock=clock, query_retry_pause=query_retry_pause, wait_for_ready=wait_for_ready)
+        self._configure(
+            clock=clock,
+            query_retry_pause=query_retry_pause,
+            wait_for_ready=wait_for_ready,
+            max_attempts=max_attempts,
+            dead_letter=dead_letter,
+        )
 
     @classmethod
     def from_channel(
@@ -87,11 +96,19 @@ class Client(ClientBase):
         clock: Clock | None = None,
         query_retry_pause: Seconds = DEFAULT_QUERY_RETRY_PAUSE,
         wait_for_ready: bool = False,
+        max_attempts: int = 0,
+        dead_letter: str | None = None,
     ) -> Client:
         """A client on an existing channel. The channel stays yours: ``close()`` leaves it open."""
         client = cls.__new__(cls)
         client._setup(channel, owns_channel=False)
-        client._configure(clock=clock, query_retry_pause=query_retry_pause, wait_for_ready=wait_for_ready)
+        client._configure(
+            clock=clock,
+            query_retry_pause=query_retry_pause,
+            wait_for_ready=wait_for_ready,
+            max_attempts=max_attempts,
+            dead_letter=dead_letter,
+        )
         return client
 
     def _setup(self, channel: grpc.Channel, *, owns_channel: bool) -> None:
@@ -175,15 +192,39 @@ class Client(ClientBase):
         caller holds has changed and the error (``TaskNotFound``, ``PreconditionFailed``, …) is raised."""
         self._run(self._do_flow(ops, timeout))
 
-    def query(self, group: str, own_for: Seconds, *, wait: bool = True, timeout: Seconds | None = None) -> pb.Task:
-        """The head of ``group``, leased to you for ``own_for`` (it gets a new ID).
+    def query(
+        self,
+        group: str,
+        own_for: Seconds,
+        *,
+        wait: bool = True,
+        timeout: Seconds | None = None,
+        max_attempts: int | None = None,
+        dead_letter: str | None = None,
+    ) -> pb.Task:
+        """The head of ``group``, leased to you for ``own_for`` (it gets a new ID and ``attempts`` one higher).
 
         ``own_for`` is required, as in the Go client: a worker that forgot it would work without a lease
         while others took the same task. ``own_for=0`` leases nothing, as ``peek`` does.
         ``wait=True`` waits for a task to become visible, up to ``timeout`` (then ``DeadlineExceeded``);
         ``wait=False`` raises ``TaskNotFound`` at once if none is visible.
+
+        ``max_attempts=N`` (with ``dead_letter=``, the group poison tasks go to) guards against tasks that
+        kill their workers: a task already owned ``N`` times is not returned but moved, in the same atomic
+        step, to ``dead_letter`` with ``error`` saying why, and the next task is taken. None uses the
+        client's defaults (``Client(max_attempts=, dead_letter=)``); ``max_attempts=0`` turns the limit off.
         """
-        return self._run(self._query_flow(group, own_for, wait=wait, max_tasks=1, many=False, timeout=timeout))[0]
+        flow = self._query_flow(
+            group,
+            own_for,
+            wait=wait,
+            max_tasks=1,
+            many=False,
+            timeout=timeout,
+            max_attempts=max_attempts,
+            dead_letter=dead_letter,
+        )
+        return self._run(flow)[0]
 
     def query_many(
         self,
@@ -193,11 +234,24 @@ class Client(ClientBase):
         *,
         wait: bool = True,
         timeout: Seconds | None = None,
+        max_attempts: int | None = None,
+        dead_letter: str | None = None,
     ) -> list[pb.Task]:
         """Up to ``max_tasks`` visible tasks from the head of ``group``, each leased for ``own_for``, in one
         atomic step. ``wait`` returns once at least one is visible; ``wait=False`` returns ``[]`` if none is.
-        A server that ignores ``max_tasks`` (Go) returns one task."""
-        return self._run(self._query_flow(group, own_for, wait=wait, max_tasks=max_tasks, many=True, timeout=timeout))
+        A server that ignores ``max_tasks`` (Go) returns one task. ``max_attempts``/``dead_letter`` as for
+        ``query``: tasks parked in ``dead_letter`` do not count toward ``max_tasks``."""
+        flow = self._query_flow(
+            group,
+            own_for,
+            wait=wait,
+            max_tasks=max_tasks,
+            many=True,
+            timeout=timeout,
+            max_attempts=max_attempts,
+            dead_letter=dead_letter,
+        )
+        return self._run(flow)
 
     def peek(self, group: str, *, wait: bool = True, timeout: Seconds | None = None) -> pb.Task:
         """The head of ``group`` without leasing it (``query(group, 0)``): it keeps its ID and stays visible."""

@@ -17,9 +17,11 @@ from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from masstasker._pb import masstasker_pb2 as pb
+from masstasker.server import body
 from masstasker.server.stores.memory.store import (
     NANOS_PER_SECOND,
     BadRequest,
+    DeadLetter,
     GroupRef,
     IdRef,
     LabelRef,
@@ -32,6 +34,7 @@ __all__ = [
     "MAX_TIMESTAMP_NS",
     "MIN_TIMESTAMP_NS",
     "QuerySpec",
+    "body_of",
     "check_timestamp_ns",
     "duration_ns",
     "fill_task",
@@ -106,7 +109,19 @@ def spec_from_pb(task: pb.Task) -> TaskSpec:
     task.ClearField("id")
     task.ClearField("group")
     # labels_tuple() is called only for tasks that have labels: most have none, and this runs per task.
-    return _new_spec(TaskSpec, (group, not_before, task.SerializeToString(), labels_tuple(labels) if labels else None))
+    return _new_spec(TaskSpec, (group, not_before, body_of(task), labels_tuple(labels) if labels else None))
+
+
+def body_of(task: pb.Task) -> bytes:
+    """A task's stored body (it must have no id, group or not_before); ``task`` is consumed.
+
+    ``attempts`` goes first, as :mod:`masstasker.server.body` requires, so owning can raise it in O(1).
+    """
+    attempts = task.attempts
+    if not attempts:
+        return task.SerializeToString()
+    task.ClearField("attempts")
+    return body.encode(attempts, task.SerializeToString())
 
 
 def specs_from_pb(tasks: Sequence[pb.Task]) -> list[TaskSpec]:
@@ -154,10 +169,12 @@ class QuerySpec(NamedTuple):
     own_for: int  # ns, never negative; 0 is a peek
     max_tasks: int
     wait: bool
+    dead_letter: DeadLetter | None  # None: no max_attempts
 
 
 def query_from_pb(request: pb.QueryRequest) -> QuerySpec:
-    """A QueryRequest's times converted: a bad ``now`` or a negative ``own_for`` is BadRequest.
+    """A QueryRequest's times converted: a bad ``now`` or a negative ``own_for`` is BadRequest, and so is
+    ``max_attempts`` without a ``dead_letter_group`` or with the queried group as one.
 
     The server's limits (``max_tasks``, the group's length) are
     :meth:`~masstasker.server.limits.Limits.check_query`'s.
@@ -166,7 +183,20 @@ def query_from_pb(request: pb.QueryRequest) -> QuerySpec:
     if own_for < 0:
         raise BadRequest(f"own_for must not be negative (got {own_for} ns)")
     now = timestamp_ns(request.now, "now") if request.HasField("now") else None
-    return _new_spec(QuerySpec, (request.group, now, own_for, request.max_tasks, request.wait))
+    group = request.group
+    max_attempts = request.max_attempts
+    dead_letter = None
+    if max_attempts:
+        dead_letter_group = request.dead_letter_group
+        if not dead_letter_group:
+            raise BadRequest(
+                f"max_attempts is {max_attempts} but dead_letter_group is empty: name the group poison tasks go to"
+            )
+        if dead_letter_group == group:
+            raise BadRequest(f"dead_letter_group must be another group than the one queried (both are {group!r})")
+        # The parked tasks' group: one str object, as for created tasks.
+        dead_letter = DeadLetter(max_attempts, _intern(dead_letter_group))
+    return _new_spec(QuerySpec, (group, now, own_for, request.max_tasks, request.wait, dead_letter))
 
 
 def fill_task(out: pb.Task, task: StoredTask) -> None:

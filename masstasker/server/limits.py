@@ -78,13 +78,15 @@ class Limits:
                 self.check_group(spec.group, f"{field}[{i}].group")
 
     def check_query(self, request: pb.QueryRequest) -> None:
-        """How many tasks a Query asks for, and its group's length. O(1)."""
+        """How many tasks a Query asks for, and its group's and dead-letter group's lengths. O(1)."""
         limit = self.settings.max_query_tasks
         if request.max_tasks > limit:
             raise BadRequest(
                 f"max_tasks {request.max_tasks} is above the server's limit of {limit} (--max-query-tasks)"
             )
         self.check_group(request.group, "group")
+        if request.dead_letter_group:
+            self.check_group(request.dead_letter_group, "dead_letter_group")
 
     def check_bulk_set(self, request: pb.BulkSetRequest) -> None:
         """The ref count, and the prototype's group and labels (its payload: :meth:`check_body`)."""

@@ -26,6 +26,7 @@ from masstasker._pb import masstasker_pb2 as pb
 from masstasker.server.admission import WaitingAdmission
 from masstasker.server.config import Settings
 from masstasker.server.convert import (
+    body_of,
     check_timestamp_ns,
     fill_task,
     labels_tuple,
@@ -141,19 +142,21 @@ class MassTaskerService:
         """Query: peek at or own the head of a group, waiting for one if asked."""
         request = _parse(pb.QueryRequest, data)
         self._limits.check_query(request)
-        group, now, own_for, max_tasks, wait = query_from_pb(request)
+        group, now, own_for, max_tasks, wait, dead_letter = query_from_pb(request)
         store = self._store
         server_now = self._clock()
         if now is None:
             now = server_now
         if own_for:
             check_timestamp_ns(now + own_for, "now + own_for")
-        tasks = await store.query(group, now, own_for, max_tasks)
+        tasks = await store.query(group, now, own_for, max_tasks, dead_letter)
         if not tasks:
             if not wait:
                 raise NotFound(f"no visible task in group {group!r}")
             with self._admission.admit(context.peer()):
-                tasks = await store.wait(group, now - server_now, own_for, max_tasks, context.time_remaining())
+                tasks = await store.wait(
+                    group, now - server_now, own_for, max_tasks, context.time_remaining(), dead_letter
+                )
         response = pb.QueryResponse()
         fill_task(response.task, tasks[0])
         if max_tasks > 1:
@@ -170,10 +173,12 @@ class MassTaskerService:
         proto = request.prototype
         not_before = timestamp_ns(proto.not_before, "prototype.not_before") if proto.HasField("not_before") else None
         patch = None
-        if proto.HasField("data") or proto.labels or proto.error:
+        if proto.HasField("data") or proto.labels or proto.error or proto.attempts:
 
             def patch(body: bytes) -> bytes:
                 task = pb.Task.FromString(body)
+                if proto.attempts:
+                    task.attempts = proto.attempts
                 if proto.HasField("data"):
                     task.data.CopyFrom(proto.data)
                 if proto.labels:
@@ -181,7 +186,7 @@ class MassTaskerService:
                     task.labels.update(proto.labels)
                 if proto.error:
                     task.error = proto.error
-                return check_body(task.SerializeToString(), "a rewritten task")
+                return check_body(body_of(task), "a rewritten task")
 
         count = await self._store.bulk_set(
             refs_from_pb(request.ref),

@@ -20,6 +20,7 @@ from prometheus_client import CollectorRegistry
 
 from masstasker.server.stores.memory.store import (
     BadRequest,
+    DeadLetter,
     GroupRef,
     IdRef,
     LabelRef,
@@ -29,10 +30,12 @@ from masstasker.server.stores.memory.store import (
     StoredTask,
     StoreError,
     TaskSpec,
+    check_dead_letter,
 )
 
 __all__ = [
     "BadRequest",
+    "DeadLetter",
     "GroupRef",
     "GroupStats",
     "IdRef",
@@ -46,6 +49,7 @@ __all__ = [
     "TaskSpec",
     "TaskStore",
     "WaitingQueries",
+    "check_dead_letter",
 ]
 
 #: group -> (tasks, visible now)
@@ -90,8 +94,13 @@ class TaskStore(Protocol):
         """Check predicates, delete what the refs select, create; the new IDs in request order."""
         ...
 
-    async def query(self, group: str, now: int, own_for: int, max_tasks: int) -> list[StoredTask]:
-        """Up to ``max_tasks`` visible tasks from the head, owned (new IDs, not_before = now + own_for) if own_for > 0.
+    async def query(
+        self, group: str, now: int, own_for: int, max_tasks: int, dead_letter: DeadLetter | None = None
+    ) -> list[StoredTask]:
+        """Up to ``max_tasks`` visible tasks from the head, owned (new IDs, not_before = now + own_for, attempts
+        one higher) if own_for > 0. With ``dead_letter``, an owning Query moves each head task already owned
+        ``dead_letter.max_attempts`` times to ``dead_letter.group`` in the same transaction (visible at
+        ``now``, ``error`` saying why, not counted toward ``max_tasks``) and takes the next one instead.
 
         An empty list: nothing visible (or, on a shared store, everything
         visible is held by a concurrent transaction).
@@ -99,7 +108,13 @@ class TaskStore(Protocol):
         ...
 
     async def wait(
-        self, group: str, offset: int, own_for: int, max_tasks: int, timeout: float | None
+        self,
+        group: str,
+        offset: int,
+        own_for: int,
+        max_tasks: int,
+        timeout: float | None,
+        dead_letter: DeadLetter | None = None,
     ) -> list[StoredTask]:
         """As :meth:`query` once tasks are visible, waiting for them first; ``now`` = server clock + ``offset``.
 

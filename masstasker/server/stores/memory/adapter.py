@@ -18,7 +18,7 @@ from prometheus_client import CollectorRegistry
 from masstasker.server.config import Settings
 from masstasker.server.convert import check_timestamp_ns
 from masstasker.server.durability import Persistence
-from masstasker.server.stores.base import GroupStats, Ref, StoredTask, TaskSpec
+from masstasker.server.stores.base import DeadLetter, GroupStats, Ref, StoredTask, TaskSpec
 from masstasker.server.stores.memory.store import Store
 from masstasker.server.stores.memory.waiters import Waiters
 
@@ -62,17 +62,25 @@ class MemoryTaskStore:
         finally:
             await self._durable()
 
-    async def query(self, group: str, now: int, own_for: int = 0, max_tasks: int = 1) -> list[StoredTask]:
+    async def query(
+        self, group: str, now: int, own_for: int = 0, max_tasks: int = 1, dead_letter: DeadLetter | None = None
+    ) -> list[StoredTask]:
         """See :meth:`TaskStore.query`."""
         if self._durable is None:
-            return self.store.query(group, now, own_for, max_tasks)
+            return self.store.query(group, now, own_for, max_tasks, dead_letter)
         try:
-            return self.store.query(group, now, own_for, max_tasks)
+            return self.store.query(group, now, own_for, max_tasks, dead_letter)
         finally:
             await self._durable()
 
     async def wait(
-        self, group: str, offset: int, own_for: int, max_tasks: int, timeout: float | None
+        self,
+        group: str,
+        offset: int,
+        own_for: int,
+        max_tasks: int,
+        timeout: float | None,
+        dead_letter: DeadLetter | None = None,
     ) -> list[StoredTask]:
         """See :meth:`TaskStore.wait`."""
         store = self.store
@@ -80,7 +88,7 @@ class MemoryTaskStore:
         def take(now: int) -> list[StoredTask]:
             if own_for:
                 check_timestamp_ns(now + own_for, "now + own_for")
-            return store.query(group, now, own_for, max_tasks)
+            return store.query(group, now, own_for, max_tasks, dead_letter)
 
         if self._durable is None:
             return await self.waiters.wait(group, offset, take, timeout)

@@ -26,10 +26,14 @@ from typing import NamedTuple
 
 from sortedcontainers import SortedList
 
+from masstasker.server import body as task_body
+from masstasker.server.body import attempts_of, owned_once_more, parked_body
+
 __all__ = [
     "MAX_ID",
     "NANOS_PER_SECOND",
     "BadRequest",
+    "DeadLetter",
     "GroupRef",
     "IdRef",
     "LabelRef",
@@ -40,6 +44,7 @@ __all__ = [
     "StoreError",
     "StoredTask",
     "TaskSpec",
+    "check_dead_letter",
     "key_of",
 ]
 
@@ -80,8 +85,10 @@ class StoredTask:
     int object shared with the index stands for both, and ``id`` and
     ``not_before`` are derived from it. ``body`` is the serialized ``Task``
     message without ``id``, ``group`` and ``not_before`` (so it carries
-    ``data``, ``labels`` and ``error``): the store never looks inside the
-    payload, and bytes are compact. ``labels`` duplicates the label pairs
+    ``data``, ``labels``, ``error`` and ``attempts``): the store never looks
+    inside the payload, and bytes are compact. Owning raises ``attempts``
+    in the body itself, so counting costs no slot (see
+    :mod:`masstasker.server.body` for the rule that makes it O(1)). ``labels`` duplicates the label pairs
     only for tasks that have any, so the label index can be maintained
     without parsing ``body``. Four slots keep an instance at 64 bytes.
     """
@@ -108,6 +115,13 @@ class StoredTask:
 
     def __repr__(self) -> str:
         return f"StoredTask(id={self.id}, group={self.group!r}, not_before={self.not_before})"
+
+
+class DeadLetter(NamedTuple):
+    """Where an owning Query parks a task it already handed out ``max_attempts`` times (``max_attempts`` > 0)."""
+
+    max_attempts: int
+    group: str
 
 
 class TaskSpec(NamedTuple):
@@ -271,34 +285,92 @@ class Store:
         self._commit(doomed, specs)
         return len(doomed)
 
-    def query(self, group: str, now: int, own_for: int = 0, max_tasks: int = 1) -> list[StoredTask]:
+    def query(
+        self,
+        group: str,
+        now: int,
+        own_for: int = 0,
+        max_tasks: int = 1,
+        dead_letter: DeadLetter | None = None,
+    ) -> list[StoredTask]:
         """Up to ``max_tasks`` visible tasks from the head of the group.
 
         With ``own_for > 0`` each is atomically replaced by a copy with a new
-        ID and ``not_before = now + own_for``, and the copies are returned.
-        An empty list means nothing is visible. Cost: O(log n) per task
-        returned.
+        ID, ``not_before = now + own_for`` and ``attempts`` one higher, and
+        the copies are returned. With a ``dead_letter`` as well, a task
+        already owned ``dead_letter.max_attempts`` times is not returned: in
+        the same step it is moved to ``dead_letter.group`` (visible at
+        ``now``, ``error`` saying why) and the next visible task is taken
+        instead; these do not count toward ``max_tasks``. A peek (``own_for`` 0) changes nothing.
+        An empty list means nothing (else) is visible. Cost: O(log n) per
+        task returned or moved.
         """
+        if dead_letter is not None:
+            check_dead_letter(dead_letter, group)
         index = self._groups.get(group)
         if not index:
             return []
         limit = key_of(now + 1, 0)
-        keys = []
-        for key in islice(index, max(max_tasks, 1)):
-            if key >= limit:
-                break
-            keys.append(key)
-        if not keys:
-            return []
+        wanted = max(max_tasks, 1)
         tasks = self._tasks
-        if own_for <= 0:
-            return [tasks[k & _ID_MASK] for k in keys]
-        self._check_ids(len(keys))
+        if own_for <= 0 or dead_letter is None:
+            keys = []
+            for key in islice(index, wanted):
+                if key >= limit:
+                    break
+                keys.append(key)
+            if not keys:
+                return []
+            if own_for <= 0:
+                return [tasks[k & _ID_MASK] for k in keys]
+            self._check_ids(len(keys))
+            until = now + own_for
+            doomed = [k & _ID_MASK for k in keys]
+            once_more = owned_once_more
+            specs = [TaskSpec(group, until, once_more(tasks[i].body), tasks[i].labels) for i in doomed]
+            new_ids = self._commit(doomed, specs)
+            return [tasks[i] for i in new_ids]
+        return self._own_or_park(index, group, now, own_for, wanted, limit, dead_letter)
+
+    def _own_or_park(
+        self,
+        index: SortedList,
+        group: str,
+        now: int,
+        own_for: int,
+        wanted: int,
+        limit: int,
+        dead_letter: DeadLetter,
+    ) -> list[StoredTask]:
+        """:meth:`query`'s owning step when a maximum applies: the head tasks, each owned or parked."""
+        tasks = self._tasks
         until = now + own_for
-        doomed = [k & _ID_MASK for k in keys]
-        specs = [TaskSpec(group, until, tasks[i].body, tasks[i].labels) for i in doomed]
+        max_attempts, dead_letter_group = dead_letter
+        doomed: list[int] = []
+        specs: list[TaskSpec] = []
+        owned: list[bool] = []
+        count = 0
+        # Parked tasks do not count toward `wanted`: the walk goes on past them. It parks each
+        # poison task once, so its length is paid for by the tasks it removes from the group.
+        for key in index:
+            if key >= limit or count == wanted:
+                break
+            task_id = key & _ID_MASK
+            task = tasks[task_id]
+            doomed.append(task_id)
+            attempts = attempts_of(task.body)
+            if attempts < max_attempts:
+                specs.append(TaskSpec(group, until, owned_once_more(task.body), task.labels))
+                owned.append(True)
+                count += 1
+            else:
+                specs.append(TaskSpec(dead_letter_group, now, parked_body(task.body, attempts), task.labels))
+                owned.append(False)
+        if not doomed:
+            return []
+        self._check_ids(len(doomed))
         new_ids = self._commit(doomed, specs)
-        return [tasks[i] for i in new_ids]
+        return [tasks[i] for i, mine in zip(new_ids, owned, strict=True) if mine]
 
     def restore_all(self, tasks: Iterable[StoredTask]) -> None:
         """Insert many tasks with their own IDs (recovery), IDs in increasing order.
@@ -448,3 +520,11 @@ class Store:
             for pair in task.labels or ():
                 expected.setdefault(pair, set()).add(task_id)
         assert expected == self._labels, "label index out of sync"
+        for task in self._tasks.values():
+            task_body.check(task.body)
+
+
+def check_dead_letter(dead_letter: DeadLetter, group: str) -> None:
+    """BadRequest unless ``dead_letter`` has a limit and a group other than the queried ``group``."""
+    if dead_letter.max_attempts <= 0 or not dead_letter.group or dead_letter.group == group:
+        raise BadRequest("a dead letter needs max_attempts > 0 and a group other than the queried group")

@@ -51,6 +51,50 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE TABLE {schema}.group_counts (grp bytea NOT NULL, n bigint NOT NULL)",
         "INSERT INTO {schema}.group_counts (grp, n) SELECT grp, count(*) FROM {schema}.tasks GROUP BY grp",
     ),
+    # 3: attempts. A body keeps a non-zero attempts as its first field (tag 0x38, then a varint), the
+    # rule of masstasker.server.body; owning raises it in SQL, in the statement that re-creates the task.
+    (
+        # The rare case, a count of 127 or more (a varint of two bytes or more), saturating at 2**32 - 1.
+        """CREATE FUNCTION {schema}.owned_once_more_long(body bytea) RETURNS bytea
+        LANGUAGE plpgsql IMMUTABLE STRICT PARALLEL SAFE AS $$
+        DECLARE
+            i integer := 1;
+            b integer;
+            shift integer := 0;
+            n bigint := 0;
+            prefix bytea := '\\x38'::bytea;
+        BEGIN
+            LOOP
+                IF i >= length(body) THEN  -- not a whole varint (never a real body): as if no attempts
+                    RETURN '\\x3801'::bytea || body;
+                END IF;
+                b := get_byte(body, i);
+                n := n | ((b & 127)::bigint << shift);
+                i := i + 1;
+                EXIT WHEN b < 128;
+                shift := shift + 7;
+            END LOOP;
+            n := least(n + 1, 4294967295);
+            WHILE n >= 128 LOOP
+                prefix := prefix || set_byte('\\x00'::bytea, 0, ((n & 127) | 128)::integer);
+                n := n >> 7;
+            END LOOP;
+            RETURN prefix || set_byte('\\x00'::bytea, 0, n::integer) || substring(body FROM i + 1);
+        END
+        $$""",
+        # The common cases inline (a SQL function the planner can inline): no attempts yet, or fewer than 127.
+        # CASE tests in order, so get_byte never reads past the end of an empty body.
+        """CREATE FUNCTION {schema}.owned_once_more(body bytea) RETURNS bytea
+        LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE AS $$
+        SELECT CASE
+            WHEN length(body) < 2 THEN '\\x3801'::bytea || body
+            WHEN get_byte(body, 0) <> 56 THEN '\\x3801'::bytea || body
+            WHEN get_byte(body, 1) < 127
+                THEN set_byte('\\x3800'::bytea, 1, get_byte(body, 1) + 1) || substring(body FROM 3)
+            ELSE {schema}.owned_once_more_long(body)
+        END
+        $$""",
+    ),
 )
 
 LATEST = len(MIGRATIONS)

@@ -38,7 +38,8 @@ ORDER BY grp, nb_s, nb_ns, id LIMIT %(n)b
 # tasks_queue, as PEEK_HEAD; rows another transaction holds are skipped, never waited for, so two
 # servers never lease the same task and never block each other. Delete and re-create in one
 # statement (one implicit transaction, one round trip); nextval() runs after the sort, so new IDs
-# follow queue order. Group size is unchanged: no group_counts row.
+# follow queue order. Group size is unchanged: no group_counts row. The copy's attempts is one
+# higher (owned_once_more: schema version 3).
 OWN_HEAD = """
 WITH head AS (
     SELECT id FROM {schema}.tasks
@@ -50,9 +51,21 @@ WITH head AS (
     RETURNING t.id, t.nb_s, t.nb_ns, t.body, t.labels
 )
 INSERT INTO {schema}.tasks (id, grp, nb_s, nb_ns, body, labels)
-SELECT nextval('{schema}.task_ids'), %(grp)b, %(until_s)b::int8, %(until_ns)b::int4, body, labels
+SELECT nextval('{schema}.task_ids'), %(grp)b, %(until_s)b::int8, %(until_ns)b::int4,
+    {schema}.owned_once_more(body), labels
 FROM gone ORDER BY nb_s, nb_ns, id
 RETURNING id, body
+"""
+
+# tasks_queue, as OWN_HEAD, from just after the key (after_s, after_ns, after_id): the head's rows,
+# locked, for a Query with max_attempts, which reads each task's attempts before it owns or parks
+# it and may read past parked tasks (keyset pages, never OFFSET).
+LOCK_HEAD = """
+SELECT id, nb_s, nb_ns, body, labels FROM {schema}.tasks
+WHERE grp = %(grp)b AND (nb_s, nb_ns) <= (%(now_s)b::int8, %(now_ns)b::int4)
+    AND (nb_s, nb_ns, id) > (%(after_s)b::int8, %(after_ns)b::int4, %(after_id)b::int8)
+ORDER BY grp, nb_s, nb_ns, id LIMIT %(n)b
+FOR UPDATE SKIP LOCKED
 """
 
 # tasks_queue: the first task of the group that is not visible yet (for a waiter's timer).
@@ -218,6 +231,7 @@ class Statements:
 
     peek_head: LiteralString
     own_head: LiteralString
+    lock_head: LiteralString
     next_hidden: LiteralString
     lock_predicates: LiteralString
     delete_by_ids: LiteralString

@@ -25,8 +25,10 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 from psycopg import errors
 
+from masstasker.server.body import attempts_of, owned_once_more, parked_body
 from masstasker.server.stores.base import (
     BadRequest,
+    DeadLetter,
     GroupRef,
     GroupStats,
     IdRef,
@@ -37,6 +39,7 @@ from masstasker.server.stores.base import (
     StoredTask,
     StoreUnavailable,
     TaskSpec,
+    check_dead_letter,
 )
 from masstasker.server.stores.postgres import schema
 from masstasker.server.stores.postgres.codec import (
@@ -70,6 +73,8 @@ _COMPACT_EVERY = 5.0
 _STORE = "PostgreSQL store"
 # Reads that must agree with each other (rows and counts) share one snapshot.
 _SNAPSHOT = "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY"
+# A queue key (nb_s, nb_ns, id) below every task's: where LOCK_HEAD's first page starts.
+_BEFORE_ALL = (-(2**63), 0, 0)
 
 
 def _labels_from_column(value: list[str] | None) -> str | None:
@@ -225,12 +230,18 @@ class PostgresStore:
 
     # -- Query ---------------------------------------------------------------------------
 
-    async def query(self, group: str, now: int, own_for: int = 0, max_tasks: int = 1) -> list[StoredTask]:
+    async def query(
+        self, group: str, now: int, own_for: int = 0, max_tasks: int = 1, dead_letter: DeadLetter | None = None
+    ) -> list[StoredTask]:
         """Up to ``max_tasks`` visible tasks from the head of the group, owned if ``own_for > 0``.
 
         An empty list means nothing is visible (or every visible task is held
-        by a concurrent transaction).
+        by a concurrent transaction). With ``dead_letter``, an owning Query
+        parks tasks past ``max_attempts`` as the in-memory store does, in the
+        same transaction.
         """
+        if dead_letter is not None:
+            check_dead_letter(dead_letter, group)
         grp = group_bytes(group)
         now_s, now_ns = split_ns(now)
         n = max(max_tasks, 1)
@@ -242,6 +253,13 @@ class PostgresStore:
 
             return await self._run(peek)
         until = now + own_for
+        if dead_letter is not None:
+
+            async def own_or_park(conn: Conn) -> list[StoredTask]:
+                async with conn.transaction():
+                    return await self._own_or_park(conn, group, now, until, n, dead_letter)
+
+            return await self._run(own_or_park)
         until_s, until_ns = split_ns(until)
         params = {"grp": grp, "now_s": now_s, "now_ns": now_ns, "n": n, "until_s": until_s, "until_ns": until_ns}
 
@@ -252,14 +270,82 @@ class PostgresStore:
 
         return await self._run(own)
 
+    async def _own_or_park(
+        self, conn: Conn, group: str, now: int, until: int, n: int, dead_letter: DeadLetter
+    ) -> list[StoredTask]:
+        """In the caller's transaction: lock the head page by page; park each task already owned
+        ``max_attempts`` times, own the others, until ``n`` are owned or nothing visible is left.
+
+        Parked tasks do not count toward ``n``, so the walk may read past them, one keyset page at a time.
+        """
+        grp = group_bytes(group)
+        now_s, now_ns = split_ns(now)
+        until_s, until_ns = split_ns(until)
+        max_attempts, dead_group = dead_letter
+        dead_grp = group_bytes(dead_group)
+        doomed: list[int] = []
+        rows: list[tuple[bytes, int, int, bytes, str | None]] = []
+        owned: list[bool] = []
+        count = 0
+        after_s, after_ns, after_id = _BEFORE_ALL
+        while count < n:
+            page = n - count
+            cur = await conn.execute(
+                self._sql.lock_head,
+                {
+                    "grp": grp,
+                    "now_s": now_s,
+                    "now_ns": now_ns,
+                    "after_s": after_s,
+                    "after_ns": after_ns,
+                    "after_id": after_id,
+                    "n": page,
+                },
+            )
+            found = await cur.fetchall()
+            for task_id, _, _, stored, labels in found:
+                body = bytes(stored)
+                doomed.append(task_id)
+                attempts = attempts_of(body)
+                if attempts < max_attempts:
+                    rows.append((grp, until_s, until_ns, owned_once_more(body), _labels_from_column(labels)))
+                    owned.append(True)
+                    count += 1
+                else:
+                    rows.append((dead_grp, now_s, now_ns, parked_body(body, attempts), _labels_from_column(labels)))
+                    owned.append(False)
+            if len(found) < page:
+                break
+            after_id, after_s, after_ns = found[-1][0], found[-1][1], found[-1][2]
+        if not doomed:
+            return []
+        async with conn.pipeline():
+            deleted = await conn.execute(self._sql.delete_by_ids, {"ids": doomed})
+            inserted = await self._send_inserts(conn, rows)
+            assert inserted is not None
+            await deleted.fetchall()
+            # INSERT_TASKS numbers the rows in order: sorted IDs line up with `rows`.
+            ids = sorted(row[0] for row in await inserted.fetchall())
+        return [
+            StoredTask(i, group, until, row[3], None) for i, row, mine in zip(ids, rows, owned, strict=True) if mine
+        ]
+
     async def wait(
-        self, group: str, offset: int, own_for: int, max_tasks: int, timeout: float | None
+        self,
+        group: str,
+        offset: int,
+        own_for: int,
+        max_tasks: int,
+        timeout: float | None,
+        dead_letter: DeadLetter | None = None,
     ) -> list[StoredTask]:
         """Wait for visible tasks and take them as :meth:`query` does; ``now`` is the clock plus ``offset``.
 
         Raises TimeoutError after ``timeout`` seconds and StoreUnavailable
         when the database is lost meanwhile.
         """
+        if dead_letter is not None:
+            check_dead_letter(dead_letter, group)
         grp = group_bytes(group)
         n = max(max_tasks, 1)
 
@@ -270,6 +356,18 @@ class PostgresStore:
                 return tasks, bool(tasks)
             until = now + own_for
             now_s, now_ns = split_ns(now)
+            if dead_letter is not None:
+
+                async def own_or_park(conn: Conn) -> tuple[list[StoredTask], bool]:
+                    async with conn.transaction():  # rolled back if the waiter's call is cancelled, as below
+                        tasks = await self._own_or_park(conn, group, now, until, n, dead_letter)
+                        behind = await conn.execute(
+                            self._sql.peek_head, {"grp": grp, "now_s": now_s, "now_ns": now_ns, "n": 1}
+                        )
+                        more = bool(await behind.fetchall())
+                    return tasks, more
+
+                return await self._run(own_or_park)
             until_s, until_ns = split_ns(until)
             params = {"grp": grp, "now_s": now_s, "now_ns": now_ns, "n": n, "until_s": until_s, "until_ns": until_ns}
 
