@@ -25,6 +25,7 @@ from prometheus_client import CollectorRegistry
 
 from masstasker.server.auth import TokenInterceptor, TokenSet
 from masstasker.server.config import GC_THRESHOLDS, Settings, check_security, format_address, parse_address
+from masstasker.server.dashboard import Calls, Dashboard
 from masstasker.server.metrics import GroupStats, RpcMetrics, StoreCollector
 from masstasker.server.metrics_http import start_metrics_http
 from masstasker.server.persistence import Persistence
@@ -68,6 +69,7 @@ class Server:
         self._grpc = grpc_server
         self._health = health_servicer
         self._http: Any = None
+        self.dashboard: Dashboard | None = None
         self._stopped = False
 
     @property
@@ -84,6 +86,8 @@ class Server:
         await self._health.enter_graceful_shutdown()
         self.waiters.release_all()
         await self._grpc.stop(self.settings.shutdown_grace if grace is None else grace)
+        if self.dashboard is not None:
+            self.dashboard.close()  # ends its live streams, which would hold the listener's threads
         if self._http is not None:
             self._http.shutdown()
             self._http.server_close()
@@ -159,7 +163,9 @@ async def start(settings: Settings, *, clock: Callable[[], int] = time.time_ns) 
             ("grpc.server.max_pending_requests_hard_limit", 2 * _pending_calls(settings)),
         ],
     )
-    server.add_generic_rpc_handlers((service.handler(),))
+    # Kept: the dashboard calls these same handlers in-process.
+    handlers = (service.handler(),)
+    server.add_generic_rpc_handlers(handlers)
     health_servicer = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -194,7 +200,13 @@ async def start(settings: Settings, *, clock: Callable[[], int] = time.time_ns) 
         registry.register(StoreCollector(loop, _group_stats(store, waiters, clock)))
         try:
             metrics_tokens = tokens if settings.metrics_auth else None
-            running._http = start_metrics_http(http_host, http_port, registry, metrics_tokens)
+            if settings.dashboard != "off":
+                running.dashboard = Dashboard(
+                    Calls(loop, handlers), mode=settings.dashboard, tokens=tokens, read_tokens=metrics_tokens
+                )
+            running._http = start_metrics_http(
+                http_host, http_port, registry, metrics_tokens, dashboard=running.dashboard
+            )
         except OSError as exc:
             await server.stop(None)
             if persistence is not None:

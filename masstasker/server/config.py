@@ -44,6 +44,7 @@ WAITING_RETRY_AFTER_MS = 1000
 # gc.set_threshold() for the server process: (young, middle, old). See app.tune_gc.
 GC_THRESHOLDS = (100_000, 50, 100)
 FSYNC_POLICIES = ("always", "batch", "never")
+DASHBOARD_MODES = ("read-only", "read-write", "off")
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +78,7 @@ class Settings:
     data_dir: str = ""  # "" keeps everything in memory only
     fsync: str = "always"  # one of FSYNC_POLICIES
     snapshot_min_log_bytes: int = DEFAULT_SNAPSHOT_MIN_LOG_BYTES
+    dashboard: str = "read-only"  # one of DASHBOARD_MODES: the web dashboard on the HTTP listener
 
     @property
     def rpc_address(self) -> str:
@@ -142,6 +144,12 @@ def _build_parser(version: str) -> argparse.ArgumentParser:
         type=_positive_int,
         default=defaults.snapshot_min_log_bytes,
         help="snapshot once the log exceeds this and twice the state's size",
+    )
+    add(
+        "--dashboard",
+        default=defaults.dashboard,
+        choices=DASHBOARD_MODES,
+        help="web dashboard at / on --listen-http: actions (retry, move, delete) need read-write (default %(default)s)",
     )
     _add_security_flags(parser, defaults)
     add("--version", action="version", version=f"%(prog)s {version}")
