@@ -1,4 +1,4 @@
-"""Every rule and status code of API.md, end to end over gRPC on 127.0.0.1."""
+"""Every rule and status code of docs/api.md, end to end over gRPC on 127.0.0.1."""
 
 from __future__ import annotations
 

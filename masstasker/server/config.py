@@ -138,7 +138,12 @@ def _build_parser(version: str) -> argparse.ArgumentParser:
     add("--log-level", default=defaults.log_level, choices=["debug", "info", "warning", "error"])
     add("--log-format", default=defaults.log_format, choices=["text", "json"])
     add("--data-dir", default="", metavar="DIR", help="keep a write-ahead log and snapshots here; '' = memory only")
-    add("--fsync", default=defaults.fsync, choices=FSYNC_POLICIES, help="when a change counts as durable (see README)")
+    add(
+        "--fsync",
+        default=defaults.fsync,
+        choices=FSYNC_POLICIES,
+        help="when a change counts as durable (docs/durability.md)",
+    )
     add(
         "--snapshot-min-log-bytes",
         type=_positive_int,

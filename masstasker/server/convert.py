@@ -1,4 +1,4 @@
-"""Wire messages <-> store values, with the validation API.md asks for.
+"""Wire messages <-> store values, with the validation docs/api.md asks for.
 
 Everything that can reject a request for its shape lives here and raises
 :class:`~masstasker.server.store.BadRequest` with a message naming the field
