@@ -172,9 +172,9 @@ def test_retry_button_moves_an_error_task_back(server: BackgroundServer, client:
     page.wait_for_url("**/group?name=errors")
     expect(page.locator('[data-k="total"]')).to_have_text("0")
 
-    (back,) = client.query_many("work", 10, wait=False)
+    (back,) = client.peek_many("work", 10, wait=False)
     assert back.error == "" and dict(back.labels) == {"job": "7"} and back.data == failed.data
-    assert client.query_many("errors", 10, wait=False) == []
+    assert client.peek_many("errors", 10, wait=False) == []
 
 
 def test_group_actions_ask_for_confirmation(server: BackgroundServer, client: Client, open_page: Any) -> None:
@@ -188,7 +188,7 @@ def test_group_actions_ask_for_confirmation(server: BackgroundServer, client: Cl
     page.locator("#confirm-target").fill("good")
     page.locator("#confirm-ok").click()
     expect(page.locator("#flash")).to_have_text("Retried 3 task(s).")
-    assert len(client.query_many("good", 10, wait=False)) == 3
+    assert len(client.peek_many("good", 10, wait=False)) == 3
 
 
 @pytest.fixture
@@ -207,21 +207,21 @@ def test_with_tokens_actions_are_refused_without_the_token(token_server: Backgro
         page.get_by_role("button", name="Delete").click()
         page.locator("#confirm-ok").click()
         expect(page.locator("#flash")).to_contain_text("Refused")
-        assert len(client.query_many("keep", 10, wait=False)) == 1
+        assert len(client.peek_many("keep", 10, wait=False)) == 1
 
         page.locator("#token").fill("wrong")
         page.get_by_role("button", name="Use").click()
         page.get_by_role("button", name="Delete").click()
         page.locator("#confirm-ok").click()
         expect(page.locator("#flash")).to_contain_text("not accepted")
-        assert len(client.query_many("keep", 10, wait=False)) == 1
+        assert len(client.peek_many("keep", 10, wait=False)) == 1
 
         page.locator("#token").fill("dash-token")
         page.get_by_role("button", name="Use").click()
         page.get_by_role("button", name="Delete").click()
         page.locator("#confirm-ok").click()
         page.wait_for_url("**/group?name=keep")
-        assert client.query_many("keep", 10, wait=False) == []
+        assert client.peek_many("keep", 10, wait=False) == []
 
 
 def _post(server: BackgroundServer, path: str, body: dict[str, Any], **headers: str) -> tuple[int, dict[str, Any]]:
@@ -244,7 +244,7 @@ def test_read_only_dashboard_refuses_actions() -> None:
         client.create(task)
         status, body = _post(server, "/api/delete", {"ids": [task.id]})
         assert status == 403 and "read-only" in body["error"]
-        assert len(client.query_many("ro", 10, wait=False)) == 1
+        assert len(client.peek_many("ro", 10, wait=False)) == 1
 
 
 def test_actions_need_json_and_the_bearer_header(token_server: BackgroundServer) -> None:
