@@ -13,7 +13,7 @@ import logging
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from types import TracebackType
 from typing import Any
 
@@ -23,10 +23,13 @@ from grpc_health.v1._async import HealthServicer  # what health.aio re-exports; 
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
+from masstasker.server.admin import ADMIN_SERVICE_NAME, AdminService
 from masstasker.server.auth import TokenInterceptor, TokenSet
 from masstasker.server.config import GC_THRESHOLDS, Settings, check_security, format_address, parse_address
 from masstasker.server.dashboard import Calls, Dashboard
-from masstasker.server.metrics import GroupStats, RpcMetrics, StoreCollector
+from masstasker.server.limits import Limits
+from masstasker.server.memory_admin import MemoryAdminView
+from masstasker.server.metrics import RpcMetrics, StoreCollector, StoreReading
 from masstasker.server.metrics_http import start_metrics_http
 from masstasker.server.persistence import Persistence
 from masstasker.server.service import SERVICE_NAME, MassTaskerService
@@ -109,11 +112,11 @@ class Server:
         await self._grpc.wait_for_termination()
 
 
-def _group_stats(store: Store, waiters: Waiters, clock: Callable[[], int]) -> Callable[[], tuple[GroupStats, int, int]]:
-    def read() -> tuple[GroupStats, int, int]:
-        now = clock()
-        stats = {group: (size, store.visible_count(group, now)) for group, size in store.groups()}
-        return stats, len(waiters), len(store)
+def _store_reading(
+    view: MemoryAdminView, store: Store, waiters: Waiters, clock: Callable[[], int]
+) -> Callable[[], Coroutine[Any, Any, StoreReading]]:
+    async def read() -> StoreReading:
+        return await view.group_stats(clock()), len(waiters), len(store)
 
     return read
 
@@ -143,7 +146,10 @@ async def start(settings: Settings, *, clock: Callable[[], int] = time.time_ns) 
         )
     waiters = Waiters(store, clock)
     registry = CollectorRegistry(auto_describe=False)
-    service = MassTaskerService(store, waiters, settings, RpcMetrics(registry), persistence=persistence)
+    metrics = RpcMetrics(registry)
+    service = MassTaskerService(store, waiters, settings, metrics, persistence=persistence)
+    admin_view = MemoryAdminView(store)
+    admin = AdminService(admin_view, Limits(settings), metrics, clock=clock, persistence=persistence)
 
     server = grpc.aio.server(
         # No interceptor at all without tokens: it would cost every call.
@@ -164,12 +170,12 @@ async def start(settings: Settings, *, clock: Callable[[], int] = time.time_ns) 
         ],
     )
     # Kept: the dashboard calls these same handlers in-process.
-    handlers = (service.handler(),)
+    handlers = (service.handler(), admin.handler())
     server.add_generic_rpc_handlers(handlers)
     health_servicer = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
-        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME),
+        (SERVICE_NAME, ADMIN_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME),
         server,
     )
     address = settings.rpc_address
@@ -197,7 +203,7 @@ async def start(settings: Settings, *, clock: Callable[[], int] = time.time_ns) 
     await server.start()
     if settings.listen_http:
         http_host, http_port = parse_address(settings.listen_http)
-        registry.register(StoreCollector(loop, _group_stats(store, waiters, clock)))
+        registry.register(StoreCollector(loop, _store_reading(admin_view, store, waiters, clock)))
         try:
             metrics_tokens = tokens if settings.metrics_auth else None
             if settings.dashboard != "off":

@@ -90,7 +90,14 @@ def spec_from_pb(task: pb.Task) -> TaskSpec:
     task.ClearField("id")
     task.ClearField("group")
     return _new_spec(
-        TaskSpec, (group, not_before, task.SerializeToString(), tuple(sorted(labels.items())) if labels else None)
+        TaskSpec,
+        (
+            group,
+            not_before,
+            task.SerializeToString(),
+            tuple(sorted(labels.items())) if labels else None,
+            task.error != "",
+        ),
     )
 
 

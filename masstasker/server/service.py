@@ -209,6 +209,7 @@ class MassTaskerService:
             not_before=not_before,
             body_patch=patch,
             labels=labels_tuple(proto.labels),
+            sets_error=proto.error != "",
         )
         return pb.BulkSetResponse(num_updated=count).SerializeToString()
 

@@ -13,6 +13,8 @@ operations that check everything first and only then mutate):
   One int per entry is smaller and compares faster than a tuple, and it
   orders exactly like ``(not_before, id)`` because ``0 <= id < 2**64``.
 - ``_labels``: ``(key, value) -> set of IDs``, for label selectors.
+- ``stats``: per-group counters, lease and error indices and history
+  (:mod:`store_stats`), told about every commit by ``_commit``.
 
 Times are integer nanoseconds since the Unix epoch throughout.
 """
@@ -25,6 +27,8 @@ from itertools import islice
 from typing import NamedTuple
 
 from sortedcontainers import SortedList
+
+from masstasker.server.store_stats import BULK_SET, OWN, UPDATE, StoreStatistics, body_has_error
 
 __all__ = [
     "BadRequest",
@@ -108,14 +112,17 @@ class TaskSpec(NamedTuple):
     """A task to create: the store assigns the ID.
 
     ``not_before`` None means "the store's now". ``labels`` and ``body`` as in
-    :class:`StoredTask`. A named tuple: the server makes one per created
-    task, and a tuple is the cheapest object to build.
+    :class:`StoredTask`. ``error`` says whether ``body`` has a non-empty
+    ``error`` (the converter knows; the store never parses bodies on the
+    request path). A named tuple: the server makes one per created task, and
+    a tuple is the cheapest object to build.
     """
 
     group: str
     not_before: int | None
     body: bytes = b""
     labels: tuple[tuple[str, str], ...] | None = None
+    error: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,6 +167,8 @@ class Store:
         self._groups: dict[str, SortedList] = {}
         self._labels: dict[tuple[str, str], set[int]] = {}
         self.listeners: list[ChangeListener] = []
+        #: Group statistics, kept by every commit.
+        self.stats = StoreStatistics(clock)
 
     # -- reading ---------------------------------------------------------
 
@@ -193,6 +202,14 @@ class Store:
     def task_at(self, group: str, position: int) -> StoredTask:
         """The task at this position of the group's ``(not_before, id)`` order. O(log n)."""
         return self._tasks[self._groups[group][position] & _ID_MASK]
+
+    def group_index(self, group: str) -> SortedList | None:
+        """The group's index keys in ``(not_before, id)`` order (read only), or None for an empty group."""
+        return self._groups.get(group)
+
+    def label_ids(self, pair: tuple[str, str]) -> set[int] | frozenset[int]:
+        """The IDs of the tasks carrying this label pair (read only). O(1)."""
+        return self._labels.get(pair) or frozenset()
 
     def groups(self) -> Iterator[tuple[str, int]]:
         """Every non-empty group with its size."""
@@ -243,16 +260,19 @@ class Store:
         not_before: int | None = None,
         body_patch: Callable[[bytes], bytes] | None = None,
         labels: tuple[tuple[str, str], ...] | None = None,
+        sets_error: bool = False,
     ) -> int:
         """Replace every selected task by a copy with the given fields overwritten.
 
         ``body_patch`` rewrites the serialized body (data, labels, error) and
         ``labels`` is then the copy's label pairs; None keeps the old ones.
-        Returns how many tasks were rewritten. Cost as :meth:`update`.
+        ``sets_error`` says the patch sets a non-empty error. Returns how many
+        tasks were rewritten. Cost as :meth:`update`.
         """
         doomed = self._resolve(refs)
         self._check_ids(len(doomed))
         specs = []
+        is_error = self.stats.is_error
         for task_id in doomed:
             old = self._tasks[task_id]
             specs.append(
@@ -261,9 +281,10 @@ class Store:
                     not_before=old.not_before if not_before is None else not_before,
                     body=old.body if body_patch is None else body_patch(old.body),
                     labels=old.labels if labels is None else (labels or None),
+                    error=sets_error or is_error(old.group, old.key),
                 )
             )
-        self._commit(doomed, specs)
+        self._commit(doomed, specs, BULK_SET)
         return len(doomed)
 
     def query(self, group: str, now: int, own_for: int = 0, max_tasks: int = 1) -> list[StoredTask]:
@@ -291,8 +312,12 @@ class Store:
         self._check_ids(len(keys))
         until = now + own_for
         doomed = [k & _ID_MASK for k in keys]
-        specs = [TaskSpec(group, until, tasks[i].body, tasks[i].labels) for i in doomed]
-        new_ids = self._commit(doomed, specs)
+        is_error = self.stats.is_error
+        specs = [
+            TaskSpec(group, until, tasks[i].body, tasks[i].labels, is_error(group, k))
+            for i, k in zip(doomed, keys, strict=True)
+        ]
+        new_ids = self._commit(doomed, specs, OWN)
         return [tasks[i] for i in new_ids]
 
     def restore_all(self, tasks: Iterable[StoredTask]) -> None:
@@ -304,6 +329,7 @@ class Store:
         """
         tasks_by_id = self._tasks
         keys: dict[str, list[int]] = {}
+        error_keys: dict[str, list[int]] = {}
         next_id = self._next_id
         try:
             for task in tasks:
@@ -318,6 +344,8 @@ class Store:
                 group_keys.append(task.key)
                 if task.labels:
                     self._index_labels(task_id, task.labels)
+                if body_has_error(task.body):
+                    error_keys.setdefault(task.group, []).append(task.key)
         finally:
             self._next_id = next_id
             for group, new_keys in keys.items():
@@ -326,12 +354,13 @@ class Store:
                     self._groups[group] = SortedList(new_keys)
                 else:
                     index.update(new_keys)
+                self.stats.restored(group, len(new_keys), error_keys.get(group, ()))
 
     def restore_removal(self, task_id: int) -> None:
         """Remove a task (recovery); missing IDs are an error."""
         if task_id not in self._tasks:
             raise NotFound(f"task {task_id} does not exist")
-        self._remove(task_id)
+        self.stats.removed_by_recovery(self._remove(task_id))
 
     def set_next_id(self, next_id: int) -> None:
         """Raise the ID counter (recovery), never lower it."""
@@ -366,18 +395,21 @@ class Store:
         if self._next_id + count - 1 > MAX_ID:
             raise BadRequest("task ID space exhausted")
 
-    def _commit(self, doomed: list[int], created: list[TaskSpec]) -> list[int]:
-        """Remove then create, after every check passed: this cannot fail. O(log n) per task."""
+    def _commit(self, doomed: list[int], created: list[TaskSpec], kind: int = UPDATE) -> list[int]:
+        """Remove then create, after every check passed: this cannot fail. O(log n) per task.
+
+        ``kind`` (UPDATE, OWN, BULK_SET) tells the statistics how to count the change.
+        """
         remove = self._remove
-        for task_id in doomed:
-            remove(task_id)
+        removed = [remove(task_id) for task_id in doomed]
         new_tasks = []
         new_ids = []
+        errored: list[StoredTask] = []
         if created:
             insert = self._insert
             now: int | None = None
             task_id = self._next_id
-            for group, not_before, body, labels in created:
+            for group, not_before, body, labels, error in created:
                 if not_before is None:
                     if now is None:
                         now = self._clock()
@@ -386,8 +418,11 @@ class Store:
                 insert(task_id, task)
                 new_tasks.append(task)
                 new_ids.append(task_id)
+                if error:
+                    errored.append(task)
                 task_id += 1
             self._next_id = task_id
+        self.stats.committed(kind, removed, new_tasks, errored)
         for listener in self.listeners:
             listener(doomed, new_tasks)
         return new_ids
@@ -410,7 +445,7 @@ class Store:
             else:
                 ids.add(task_id)
 
-    def _remove(self, task_id: int) -> None:
+    def _remove(self, task_id: int) -> StoredTask:
         task = self._tasks.pop(task_id)
         index = self._groups[task.group]
         index.remove(task.key)
@@ -422,6 +457,7 @@ class Store:
                 ids.discard(task_id)
                 if not ids:
                     del self._labels[pair]
+        return task
 
     # -- invariants ----------------------------------------------------------
 
@@ -445,6 +481,8 @@ class Store:
             for pair in task.labels or ():
                 expected.setdefault(pair, set()).add(task_id)
         assert expected == self._labels, "label index out of sync"
+        tasks = self._tasks
+        self.stats.check(self._groups, lambda key: tasks[key & _ID_MASK].body)
 
 
 def labels_tuple(labels: Mapping[str, str]) -> tuple[tuple[str, str], ...] | None:
