@@ -85,7 +85,8 @@ def open_page(
 
     def make(server: BackgroundServer) -> Page:
         assert server.server is not None and server.server.http_port is not None
-        page = Page(browser, f"http://127.0.0.1:{server.server.http_port}", tmp_path, request.node.name)
+        name = f"{request.node.name}-{len(pages) + 1}"
+        page = Page(browser, f"http://127.0.0.1:{server.server.http_port}", tmp_path, name)
         pages.append(page)
         return page
 
