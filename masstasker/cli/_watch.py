@@ -29,7 +29,7 @@ def _progress(console: Console) -> Progress:
     return Progress(
         TextColumn("{task.description}", markup=False),
         BarColumn(bar_width=40),
-        TextColumn("{task.completed:>,.0f}/{task.total:<,.0f}", markup=False),
+        TextColumn("{task.fields[done]:>,}/{task.fields[size]:<,}", markup=False),
         TextColumn("{task.fields[rate]:>10}", markup=False),
         TextColumn("leased {task.fields[leased]:>,}", markup=False),
         TextColumn("errors {task.fields[errors]:>,}", markup=False),
@@ -62,17 +62,21 @@ def watch(
             for name in shown:
                 view = stats.get(name) or _empty(name)
                 done = view["departed"] - baseline.setdefault(name, view["departed"])
+                size = done + view["total"]
                 fields: dict[str, Any] = {
+                    "done": done,
+                    "size": size,
                     "rate": rate(view["departure_rate"]),
                     "leased": view["leased"],
                     "errors": view["errors"],
                     "eta": duration(view["eta"]) if view["total"] else "done",
                 }
-                total = max(done + view["total"], 1)
+                # An empty group is a full bar: nothing is left to do.
+                total, completed = (size, done) if size else (1, 1)
                 if name not in rows:
-                    rows[name] = progress.add_task(name or '""', total=total, completed=done, **fields)
+                    rows[name] = progress.add_task(name or '""', total=total, completed=completed, **fields)
                 else:
-                    progress.update(rows[name], total=total, completed=done, **fields)
+                    progress.update(rows[name], total=total, completed=completed, **fields)
             progress.refresh()
             if all(not (stats.get(name) or _empty(name))["total"] for name in shown):
                 break

@@ -334,14 +334,18 @@
     const tbody = el("tbody", { id: "tasks" });
     const pager = el("div", { className: "pager" });
     app.replaceChildren(el("h1", { text: groupName(name) }), cards, chartBox, actions, el("h2", { text: "Tasks in queue order" }), filters,
-      el("table", {}, el("thead", {}, el("tr", {}, ...["id", "state", "not before", "attempts", "type", "labels", "error"].map((h) => el("th", { text: h })))), tbody), pager);
+      el("table", {}, el("thead", {}, el("tr", {}, ...["id", "state", "not before", "attempts", "type", "labels", "error"].map((h) => el("th", { text: h, className: h === "attempts" ? "attempts n" : "" })))), tbody), pager);
 
     async function reload() {
       let reply;
       try {
         reply = await api("/api/tasks", { group: name, page_token: token, labels: labels.split(",").join("\n"), state: state });
       } catch (err) { return say(err.message); }
+      // Attempts (Task field 7) only where the server has it.
+      const attempts = reply.tasks.some((t) => t.attempts !== null);
+      for (const cell of document.querySelectorAll(".attempts")) cell.hidden = !attempts;
       tbody.replaceChildren(...reply.tasks.map(taskRow));
+      if (!attempts) for (const cell of tbody.querySelectorAll(".attempts")) cell.hidden = true;
       if (!reply.tasks.length) tbody.append(el("tr", {}, el("td", { colspan: 7, className: "muted", text: "No tasks on this page." })));
       const here = (t) => "/group?" + new URLSearchParams({ name: name, labels: labels, state: state, page_token: t }).toString();
       pager.replaceChildren(token ? link(here(""), "← first page") : el("span"), reply.next_page_token ? link(here(reply.next_page_token), "next page →") : el("span"));
@@ -373,7 +377,7 @@
       el("td", {}, link(taskHref(t.id), String(t.id))),
       el("td", {}, el("span", { className: "state " + (t.state || ""), text: t.state || "" })),
       el("td", { text: t.not_before }),
-      el("td", { className: "n", text: t.attempts === null ? "-" : t.attempts }),
+      el("td", { className: "attempts n", text: t.attempts === null ? "-" : t.attempts }),
       el("td", { text: t.data ? t.data.type_url.split("/").pop() : "" }),
       el("td", {}, ...labelsOf(t.labels)),
       el("td", { className: "err", text: t.error }));
