@@ -289,3 +289,25 @@ def test_html_and_script_in_task_strings_render_as_text(
         assert page.evaluate("document.scripts.length") == 1  # only dashboard.js
         page.wait_for_timeout(300)  # time for an injected onerror handler to fire, were there one
         assert page_wrapper.dialogs == []
+
+
+def _get(server: BackgroundServer, path: str, **headers: str) -> int:
+    assert server.server is not None
+    request = urllib.request.Request(f"http://127.0.0.1:{server.server.http_port}{path}", headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as error:
+        return int(error.code)
+
+
+def test_metrics_auth_covers_the_dashboards_data_but_not_its_shell(tmp_path: Path) -> None:
+    (tmp_path / "tokens").write_text("read-token\n")
+    settings = {"auth_token_file": str(tmp_path / "tokens"), "metrics_auth": True}
+    with run_server(listen_http="127.0.0.1:0", **settings) as server:
+        assert _get(server, "/") == 200  # the shell holds no data
+        assert _get(server, "/api/info") == 200  # tells the page to ask for a token
+        for path in ("/api/groups", "/api/group?name=g", "/api/tasks?group=g", "/api/events", "/metrics"):
+            assert _get(server, path) == 401, path
+            assert _get(server, path, Authorization="Bearer wrong") == 401, path
+        assert _get(server, "/api/groups", Authorization="Bearer read-token") == 200
