@@ -12,12 +12,16 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from masstasker.server.durability.persistence import DEFAULT_SNAPSHOT_MIN_LOG_BYTES
+from masstasker.server.durability.writer import FSYNC_POLICIES
+
 __all__ = [
     "DEFAULT_HTTP",
     "DEFAULT_PORT",
     "ENV_PREFIX",
     "Settings",
     "check_security",
+    "dial_host",
     "parse_address",
     "parse_args",
 ]
@@ -38,12 +42,6 @@ DEFAULT_MAX_LABEL_KEY_BYTES = 256
 DEFAULT_MAX_LABEL_VALUE_BYTES = 4096
 DEFAULT_MAX_WAITING_QUERIES = 10_000
 DEFAULT_MAX_WAITING_PER_CONNECTION = 1_000
-DEFAULT_SNAPSHOT_MIN_LOG_BYTES = 64 * 1024 * 1024
-# What a Query refused by a full waiting limit is told to wait before asking again.
-WAITING_RETRY_AFTER_MS = 1000
-# gc.set_threshold() for the server process: (young, middle, old). See app.tune_gc.
-GC_THRESHOLDS = (100_000, 50, 100)
-FSYNC_POLICIES = ("always", "batch", "never")
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +99,15 @@ def format_address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+# A server listening on every interface is reached, from its own machine, on loopback.
+_WILDCARD_DIAL = {"0.0.0.0": "127.0.0.1", "::": "::1"}
+
+
+def dial_host(host: str) -> str:
+    """The host a client on this machine dials for a server listening on ``host``: wildcards become loopback."""
+    return _WILDCARD_DIAL.get(host, host)
+
+
 def _positive_int(value: str) -> int:
     number = int(value)
     if number <= 0:
@@ -136,7 +143,12 @@ def _build_parser(version: str) -> argparse.ArgumentParser:
     add("--log-level", default=defaults.log_level, choices=["debug", "info", "warning", "error"])
     add("--log-format", default=defaults.log_format, choices=["text", "json"])
     add("--data-dir", default="", metavar="DIR", help="keep a write-ahead log and snapshots here; '' = memory only")
-    add("--fsync", default=defaults.fsync, choices=FSYNC_POLICIES, help="when a change counts as durable (see README)")
+    add(
+        "--fsync",
+        default=defaults.fsync,
+        choices=FSYNC_POLICIES,
+        help="when a change counts as durable (docs/durability.md)",
+    )
     add(
         "--snapshot-min-log-bytes",
         type=_positive_int,
