@@ -20,12 +20,12 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from masstasker._pb import masstasker_admin_pb2 as apb
-from masstasker.server.convert import duration_ns, fill_task
+from masstasker.server.convert import duration_ns, fill_task, labels_tuple
+from masstasker.server.durability import Persistence
 from masstasker.server.limits import Limits
 from masstasker.server.metrics import RpcMetrics
-from masstasker.server.persistence import Persistence
 from masstasker.server.stats import AdminView, GroupStats, HistoryRequest, TaskState
-from masstasker.server.store import BadRequest, NotFound, PreconditionFailed, labels_tuple
+from masstasker.server.store import BadRequest, NotFound, PreconditionFailed
 
 __all__ = ["ADMIN_SERVICE_NAME", "DEFAULT_PAGE_SIZE", "MAX_HISTORY_SECONDS", "MAX_PAGE_SIZE", "AdminService"]
 

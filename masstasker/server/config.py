@@ -12,12 +12,16 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from masstasker.server.durability.persistence import DEFAULT_SNAPSHOT_MIN_LOG_BYTES
+from masstasker.server.durability.writer import FSYNC_POLICIES
+
 __all__ = [
     "DEFAULT_HTTP",
     "DEFAULT_PORT",
     "ENV_PREFIX",
     "Settings",
     "check_security",
+    "dial_host",
     "parse_address",
     "parse_args",
 ]
@@ -38,12 +42,6 @@ DEFAULT_MAX_LABEL_KEY_BYTES = 256
 DEFAULT_MAX_LABEL_VALUE_BYTES = 4096
 DEFAULT_MAX_WAITING_QUERIES = 10_000
 DEFAULT_MAX_WAITING_PER_CONNECTION = 1_000
-DEFAULT_SNAPSHOT_MIN_LOG_BYTES = 64 * 1024 * 1024
-# What a Query refused by a full waiting limit is told to wait before asking again.
-WAITING_RETRY_AFTER_MS = 1000
-# gc.set_threshold() for the server process: (young, middle, old). See app.tune_gc.
-GC_THRESHOLDS = (100_000, 50, 100)
-FSYNC_POLICIES = ("always", "batch", "never")
 DASHBOARD_MODES = ("read-only", "read-write", "off")
 
 
@@ -101,6 +99,15 @@ def parse_address(value: str) -> tuple[str, int]:
 def format_address(host: str, port: int) -> str:
     """``HOST:PORT`` with IPv6 literals bracketed."""
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+# A server listening on every interface is reached, from its own machine, on loopback.
+_WILDCARD_DIAL = {"0.0.0.0": "127.0.0.1", "::": "::1"}
+
+
+def dial_host(host: str) -> str:
+    """The host a client on this machine dials for a server listening on ``host``: wildcards become loopback."""
+    return _WILDCARD_DIAL.get(host, host)
 
 
 def _positive_int(value: str) -> int:

@@ -186,42 +186,43 @@ class CounterHistory:
         """Nothing recorded after ``second`` (true for a history never fed)."""
         return self._last is None or self._last <= second
 
-    def points(self, span: int, step: int, base: int) -> list[CounterPoint]:
-        """Cumulative counters every ``step`` seconds over the last ``span`` seconds recorded, oldest first.
+    def points(self, upto: int, span: int, step: int, base: int) -> list[CounterPoint]:
+        """Cumulative counters every ``step`` seconds over the ``span`` seconds ending with ``upto``, oldest first.
 
+        ``upto`` is the newest complete second (not older than any recorded).
         Per-second data is used when the span fits in it and ``step`` is
-        under a minute; otherwise per-minute data, with ``step`` rounded up to
-        whole minutes. ``base`` is the group's size minus created plus
-        departed (constant over the group's life), from which each point's
-        ``total`` follows. The newest point is the newest second recorded.
+        under a minute; otherwise per-minute data, with ``step`` rounded up
+        to whole minutes. Points start no earlier than the first second
+        recorded. ``base`` is the group's size minus created plus departed
+        (constant over the group's life), from which each point's ``total``
+        follows.
         """
         last, first, seconds, minutes = self._last, self._first, self._seconds, self._minutes
         if last is None or first is None or seconds is None or minutes is None or span <= 0:
             return []
+        upto = max(upto, last)
         step = max(step, 1)
         created, owned, departed = self._closed
         points: list[CounterPoint] = []
         if span <= SECONDS_KEPT and step < 60:
-            oldest = max(last - span + 1, first, last - SECONDS_KEPT + 1)
-            end = last
-            period = last
+            oldest = max(upto - span + 1, first, last - SECONDS_KEPT + 1)
+            end = upto
+            period = last  # nothing was recorded after it
             while end >= oldest:
                 points.append(_point(end + 1, created, owned, departed, base))
-                stop = end - step
-                while period > stop:  # undo the increments of seconds stop+1 .. end
+                end -= step
+                while period > end:  # undo the increments of the seconds after the next point
                     i = (period % SECONDS_KEPT) * _COUNTERS
                     created -= seconds[i]
                     owned -= seconds[i + 1]
                     departed -= seconds[i + 2]
                     period -= 1
-                end = stop
         else:
             step = -(-step // 60)  # in minutes
-            newest = last // 60
-            oldest = max((last - span + 1) // 60, first // 60, newest - MINUTES_KEPT + 1)
-            points.append(_point(last + 1, created, owned, departed, base))
-            minute = newest
-            end = newest - 1
+            oldest = max((upto - span + 1) // 60, first // 60, last // 60 - MINUTES_KEPT + 1)
+            points.append(_point(upto + 1, created, owned, departed, base))
+            minute = last // 60
+            end = upto // 60 - 1  # the newest whole minute before upto's
             while end >= oldest:
                 while minute > end:
                     i = (minute % MINUTES_KEPT) * _COUNTERS

@@ -47,12 +47,20 @@ class MemoryAdminView:
 
     async def group_stats(self, now: int, history: HistoryRequest | None = None) -> list[GroupStats]:
         """Every group with tasks or counters, sorted by name. O(groups x log n)."""
+        return self.all_stats(now, history)
+
+    async def one_group_stats(self, group: str, now: int, history: HistoryRequest | None = None) -> GroupStats:
+        """One group's statistics; zeros for a group never seen. O(log n + history points)."""
+        return self.stats(group, now, history)
+
+    def all_stats(self, now: int, history: HistoryRequest | None = None) -> list[GroupStats]:
+        """:meth:`group_stats`, synchronously."""
         stats = self._store.stats
         stats.sample(now)
         return [self._stats(group, record, now, history) for group, record in sorted(stats.groups.items())]
 
-    async def one_group_stats(self, group: str, now: int, history: HistoryRequest | None = None) -> GroupStats:
-        """One group's statistics; zeros for a group never seen. O(log n + history points)."""
+    def stats(self, group: str, now: int, history: HistoryRequest | None = None) -> GroupStats:
+        """:meth:`one_group_stats`, synchronously."""
         stats = self._store.stats
         stats.sample(now)
         return self._stats(group, stats.groups.get(group, _EMPTY), now, history)
@@ -81,7 +89,7 @@ class MemoryAdminView:
             departure_rate=departure_rate,
             creation_rate=created_rate,
             owning_rate=owning_rate,
-            history=record.history.points(history.span, history.step, record.base) if history else (),
+            history=record.history.points(second, history.span, history.step, record.base) if history else (),
         )
 
     async def list_tasks(
@@ -95,6 +103,19 @@ class MemoryAdminView:
         page_size: int,
     ) -> TaskPage:
         """A page of the group's tasks in queue order after ``page_token``; see the module docstring."""
+        return self.page(group, now, state=state, labels=labels, page_token=page_token, page_size=page_size)
+
+    def page(
+        self,
+        group: str,
+        now: int,
+        *,
+        state: TaskState,
+        labels: tuple[tuple[str, str], ...] | None,
+        page_token: str,
+        page_size: int,
+    ) -> TaskPage:
+        """:meth:`list_tasks`, synchronously."""
         after = parse_page_token(page_token)
         store = self._store
         index = store.group_index(group)
@@ -170,6 +191,10 @@ class MemoryAdminView:
 
     async def get_task(self, task_id: int, now: int) -> tuple[StoredTask, TaskState]:
         """The task and its state; NotFound if it does not exist."""
+        return self.task(task_id, now)
+
+    def task(self, task_id: int, now: int) -> tuple[StoredTask, TaskState]:
+        """:meth:`get_task`, synchronously."""
         task = self._store.get(task_id)
         if task is None:
             raise NotFound(f"task {task_id} does not exist")

@@ -300,11 +300,19 @@ def _inherited_leases(
 ) -> list[_Task]:
     """The created tasks that carry over their partner's lease.
 
-    Partners are matched in order within a group (the i-th task removed from
-    a group with the i-th created into it), as the client sends renewals.
-    An Update's copy keeps the lease when it is still in the future (a
-    renewal, not a disown); a BulkSet's when it keeps ``not_before``.
+    A BulkSet's ``created[i]`` is ``removed[i]`` rewritten: it keeps the lease
+    when it stays in the group with the same ``not_before``. An Update's
+    partners are matched in order within a group (the i-th task removed
+    from a group with the i-th created into it, as the client sends
+    renewals), and the copy keeps the lease when it is still in the future
+    (a renewal, not a disown).
     """
+    if kind == BULK_SET:
+        return [
+            new
+            for old, new in zip(removed, created, strict=True)
+            if old.key in was_leased and new.group == old.group and new.not_before == old.not_before
+        ]
     old_by_group: dict[str, list[_Task]] = {}
     for task in removed:
         old_by_group.setdefault(task.group, []).append(task)
@@ -312,16 +320,10 @@ def _inherited_leases(
     carried = []
     for task in created:
         olds = old_by_group.get(task.group)
-        if not olds:
-            continue
         i = position.get(task.group, 0)
-        if i >= len(olds):
+        if not olds or i >= len(olds):
             continue
         position[task.group] = i + 1
-        old = olds[i]
-        if old.key not in was_leased:
-            continue
-        keeps = task.not_before == old.not_before if kind == BULK_SET else task.not_before > now
-        if keeps:
+        if olds[i].key in was_leased and task.not_before > now:
             carried.append(task)
     return carried
