@@ -182,6 +182,7 @@ def main() -> int:
     parser.add_argument("--per-group", type=int, default=10, help="tasks in each small group")
     parser.add_argument("--requests", type=int, default=40, help="fetches of each page")
     parser.add_argument("--streams", type=int, default=8, help="live pages open meanwhile")
+    parser.add_argument("--baseline", type=float, default=20.0, help="seconds of probing with no traffic first")
     args = parser.parse_args()
 
     probe = LagProbe()
@@ -200,7 +201,11 @@ def main() -> int:
         gc.callbacks.append(lambda phase, info: _gc_timer(phase, info, pauses))
         asyncio.run_coroutine_threadsafe(probe.run(), server._loop)
         _get(base, "/api/groups")  # warm-up
+        # First the same probe with no dashboard traffic: what the machine itself does to the loop.
         probe.recording = True
+        time.sleep(args.baseline)
+        idle, idle_busy = probe.samples, probe.busy
+        probe.samples, probe.busy = [], []
         queue: Any = multiprocessing.get_context("spawn").Queue()
         worker = multiprocessing.get_context("spawn").Process(
             target=client_load, args=(base, data["groups"], data["task_id"], args.requests, args.streams, queue)
@@ -237,6 +242,10 @@ def main() -> int:
     if pauses:
         print(f"full garbage collections meanwhile: {len(pauses)}, longest {max(pauses) * 1e3:.1f} ms")
     lags = probe.samples
+    print(
+        f"event loop idle (no dashboard traffic, {args.baseline:g} s): lateness p99 {_p(idle, 0.99) * 1e3:.2f} ms, "
+        f"longest pause {max(idle) * 1e3:.1f} ms; own work longest {max(idle_busy) * 1e3:.1f} ms"
+    )
     print(
         f"event loop while serving: {len(lags):,} probes every {PROBE * 1e3:.0f} ms, lateness p50 "
         f"{statistics.median(lags) * 1e3:.2f} ms, p99 {_p(lags, 0.99) * 1e3:.2f} ms, "
