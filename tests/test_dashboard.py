@@ -311,3 +311,31 @@ def test_metrics_auth_covers_the_dashboards_data_but_not_its_shell(tmp_path: Pat
             assert _get(server, path) == 401, path
             assert _get(server, path, Authorization="Bearer wrong") == 401, path
         assert _get(server, "/api/groups", Authorization="Bearer read-token") == 200
+
+
+def _get_json(server: BackgroundServer, path: str) -> Any:
+    assert server.server is not None
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.server.http_port}{path}", timeout=10) as response:
+        return json.loads(response.read())
+
+
+def test_group_page_data_is_paged_in_queue_order_and_filtered(server: BackgroundServer, client: Client) -> None:
+    tasks = [new_task("paged", labels={"parity": str(i % 2), "n": str(i)}) for i in range(7)]
+    client.create(*tasks)
+    leased = client.query("paged", 60)  # the head moves to the back, leased
+
+    seen, token = [], ""
+    for _ in range(10):
+        page = _get_json(server, f"/api/tasks?group=paged&page_size=3&page_token={urllib.request.quote(token)}")
+        seen += [t["id"] for t in page["tasks"]]
+        token = page["next_page_token"]
+        if not token:
+            break
+    assert seen == [t.id for t in tasks[1:]] + [leased.id]
+
+    odd = _get_json(server, "/api/tasks?group=paged&labels=" + urllib.request.quote("parity=1\n n=3"))
+    assert [t["id"] for t in odd["tasks"]] == [tasks[3].id]
+    only_leased = _get_json(server, "/api/tasks?group=paged&state=leased")
+    assert [(t["id"], t["state"]) for t in only_leased["tasks"]] == [(leased.id, "leased")]
+    stats = _get_json(server, "/api/group?name=paged")["group"]
+    assert (stats["total"], stats["leased"], stats["visible"]) == (7, 1, 6)

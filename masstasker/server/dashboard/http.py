@@ -272,7 +272,7 @@ class Dashboard:
 
     def tasks(self, query: dict[str, str]) -> dict[str, Any]:
         """A page of a group's tasks in queue order (``page_token`` from the previous page)."""
-        labels = parse_labels(line for line in query.get("labels", "").splitlines() if line.strip())
+        labels = parse_labels(line.strip() for line in query.get("labels", "").splitlines() if line.strip())
         request = admin_pb.ListTasksRequest(
             group=query.get("group", ""),
             page_size=_int(query, "page_size", TASK_PAGE, 1, 1000),
