@@ -102,12 +102,19 @@ def watch_screen(target: str, seconds: float) -> pyte.Screen:
         close_fds=True,
     )
     os.close(secondary)
-    end = time.monotonic() + seconds
+    # Keep reading until the command has drawn a few frames (it may take a while to start on a busy
+    # machine), then ``seconds`` more; a minute at most.
+    deadline = time.monotonic() + 60
+    frames, end = 0, None
     try:
-        while time.monotonic() < end and process.poll() is None:
+        while process.poll() is None and time.monotonic() < (end or deadline):
             ready, _, _ = select.select([primary], [], [], 0.2)
             if ready:
-                stream.feed(os.read(primary, 65536))
+                chunk = os.read(primary, 65536)
+                stream.feed(chunk)
+                frames += chunk.count(b"ETA")
+                if end is None and frames >= 3:
+                    end = time.monotonic() + seconds
     finally:
         process.terminate()
         process.wait(10)
