@@ -123,6 +123,7 @@ class Dashboard:
         self.stopping = threading.Event()
         self._streams = threading.BoundedSemaphore(MAX_STREAMS)
         self._shell = _static("index.html")
+        self._files = {path: _static(path.rpartition("/")[2]) for path in _STATIC}
 
     def close(self) -> None:
         """End the live streams (the HTTP server is shutting down)."""
@@ -138,7 +139,7 @@ class Dashboard:
                 if path in _PAGES:
                     return self._send(start_response, "200 OK", "text/html; charset=utf-8", self._shell)
                 if path in _STATIC:
-                    return self._send(start_response, "200 OK", _STATIC[path], _static(path.rpartition("/")[2]))
+                    return self._send(start_response, "200 OK", _STATIC[path], self._files[path])
                 if path == "/api/events":
                     self._authorize_read(environ)
                     return self._events(environ, start_response)
@@ -245,9 +246,10 @@ class Dashboard:
             "groups": [group_view(g) for g in matching[offset : offset + limit]],
         }
 
-    def history(self, query_lists: dict[str, str]) -> dict[str, Any]:
-        """The last hour of the named groups' totals and departures, one point a minute (sparklines)."""
-        names = query_lists.get("groups", "")
+    def history(self, query: dict[str, str]) -> dict[str, Any]:
+        """The last hour of the named groups' counters, one point a minute (the overview's sparklines);
+        ``groups`` is a JSON list of names."""
+        names = query.get("groups", "")
         groups = json.loads(names) if names else []
         if not isinstance(groups, list) or len(groups) > 500 or not all(isinstance(g, str) for g in groups):
             raise ValueError("groups is a JSON list of at most 500 group names")
