@@ -339,3 +339,25 @@ def test_group_page_data_is_paged_in_queue_order_and_filtered(server: Background
     assert [(t["id"], t["state"]) for t in only_leased["tasks"]] == [(leased.id, "leased")]
     stats = _get_json(server, "/api/group?name=paged")["group"]
     assert (stats["total"], stats["leased"], stats["visible"]) == (7, 1, 6)
+
+
+@pytest.mark.timeout(300)
+def test_the_wheel_ships_the_dashboard_and_the_command(tmp_path: Path) -> None:
+    import importlib.util
+    import subprocess
+    import sys
+    import zipfile
+
+    root = Path(__file__).resolve().parent.parent
+    # Without build isolation when setuptools is here already: no download needed.
+    isolation = [] if importlib.util.find_spec("setuptools") is None else ["--no-build-isolation"]
+    command = [sys.executable, "-m", "pip", "wheel", "--no-deps", *isolation, "-q", "-w", str(tmp_path), str(root)]
+    subprocess.run(command, check=True, capture_output=True, timeout=280)
+    (wheel,) = tmp_path.glob("masstasker-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        names = set(archive.namelist())
+        entry_points = next(archive.read(n).decode() for n in names if n.endswith("entry_points.txt"))
+    for name in ("index.html", "dashboard.js", "dashboard.css"):
+        assert f"masstasker/server/dashboard/static/{name}" in names
+    assert "masstasker/cli/main.py" in names
+    assert "masstasker = masstasker.cli.main:entry_point" in entry_points
