@@ -3,7 +3,7 @@
 Pages (``/``, ``/group?name=G``, ``/task?id=N``) are one static shell whose script draws the page for
 its URL, so each view has an address that ordinary links reach. The JSON API under ``/api/`` answers
 from the admin API's handlers (``bridge.Calls``); ``/api/events`` streams the live statistics as
-server-sent events, once a second. Actions (``POST /api/retry|move|delete``) go through the server's
+server-sent events, twice a second. Actions (``POST /api/retry|move|delete``) go through the server's
 own ``Update``/``BulkSet`` handlers, one atomic step per batch, and need ``--dashboard read-write``
 plus, when the server has tokens, ``Authorization: Bearer <token>``. A POST must be JSON: a form on
 another site cannot send that without a CORS preflight, which this app never grants.
@@ -39,8 +39,9 @@ __all__ = ["MODES", "Dashboard"]
 log = logging.getLogger("masstasker.server")
 
 MODES = ("read-only", "read-write", "off")
-#: Seconds between live updates (the pages are at most this far behind).
-EVENT_INTERVAL = 1.0
+#: Seconds between live updates. With statistics at most ``Snapshots``' 0.5 s old, a page is at most
+#: about a second behind the server.
+EVENT_INTERVAL = 0.5
 #: A live stream ends after this long; the page reconnects at once. Bounds every stream's thread.
 EVENT_STREAM_SECONDS = 300.0
 #: Live streams open at once; more are refused (503) so that browsers cannot use up the threads.
