@@ -325,6 +325,8 @@ class StoreStatistics:
             stale = [g for g, r in groups.items() if r.history.idle_since(horizon) and r.is_empty()]
             for group in stale:
                 del groups[group]
+            for record in groups.values():
+                record.history.trim(second)
 
     def rate_second(self, now: int) -> int:
         """The newest complete second at ``now``: rates and ETAs are read as of its end."""

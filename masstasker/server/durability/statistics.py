@@ -5,8 +5,9 @@ A version-2 snapshot carries, between its header and its tasks, one frame
 
     u32 len(name) | name | u64 created, owned, departed
     | u64 closed created, owned, departed | u8 flags | i64 first second | i64 last second
+    | i64 seconds ring origin | i64 minutes ring origin
     | 3 x (f64 num | f64 den | u8 set | i64 last second)      (the created, owned, departed rates)
-    | u32 len(seconds ring) | u32 len(minutes ring) | rings
+    | u32 len(seconds ring) | u32 len(minutes ring) | rings (u32 triples)
     | u32 leased | leased task IDs as u64
 
 Error indices are not stored: recovery finds them in the task bodies.
@@ -27,7 +28,7 @@ __all__ = ["GroupState", "StatisticsState", "apply_statistics", "decode_statisti
 
 _HEAD = struct.Struct("<qqI")
 _NAME = struct.Struct("<I")
-_COUNTS = struct.Struct("<QQQQQQBqq")
+_COUNTS = struct.Struct("<QQQQQQBqqqq")
 _RATE = struct.Struct("<ddBq")
 _RINGS = struct.Struct("<II")
 _ID_MASK = (1 << 64) - 1
@@ -45,7 +46,9 @@ class GroupState:
     first: int | None
     last: int | None
     rates: list[RateState]
+    second_origin: int
     seconds: bytes
+    minute_origin: int
     minutes: bytes
     leased_ids: list[int]
 
@@ -63,11 +66,13 @@ def encode_statistics(stats: StoreStatistics) -> list[bytes]:
     """The section's frame payloads, header first. On the event loop: O(groups + leases + ring bytes)."""
     payloads = [_HEAD.pack(stats.since, stats.open_second, len(stats.groups))]
     for name, record in stats.groups.items():
-        closed, first, last, seconds, minutes, rates = record.history.state()
+        closed, first, last, second_origin, seconds, minute_origin, minutes, rates = record.history.state()
         raw = name.encode()
         out = [_NAME.pack(len(raw)), raw]
         flags = (first is not None) | (last is not None) << 1
-        out.append(_COUNTS.pack(*record.counters(), *closed, flags, first or 0, last or 0))
+        out.append(
+            _COUNTS.pack(*record.counters(), *closed, flags, first or 0, last or 0, second_origin, minute_origin)
+        )
         for num, den, rate_last in rates:
             out.append(_RATE.pack(num, den, rate_last is not None, rate_last or 0))
         out.append(_RINGS.pack(len(seconds), len(minutes)))
@@ -96,7 +101,7 @@ def _decode_group(data: bytes) -> GroupState:
     pos = _NAME.size
     name = data[pos : pos + n].decode()
     pos += n
-    c, o, d, cc, co, cd, flags, first, last = _COUNTS.unpack_from(data, pos)
+    c, o, d, cc, co, cd, flags, first, last, second_origin, minute_origin = _COUNTS.unpack_from(data, pos)
     pos += _COUNTS.size
     rates: list[RateState] = []
     for _ in range(3):
@@ -122,7 +127,9 @@ def _decode_group(data: bytes) -> GroupState:
         first if flags & 1 else None,
         last if flags & 2 else None,
         rates,
+        second_origin,
         seconds,
+        minute_origin,
         minutes,
         leased,
     )
@@ -136,7 +143,18 @@ def apply_statistics(state: StatisticsState, stats: StoreStatistics) -> set[int]
         record = stats.record(group.name)
         record.created, record.owned, record.departed = group.counters
         try:
-            record.history.restore((group.closed, group.first, group.last, group.seconds, group.minutes, group.rates))
+            record.history.restore(
+                (
+                    group.closed,
+                    group.first,
+                    group.last,
+                    group.second_origin,
+                    group.seconds,
+                    group.minute_origin,
+                    group.minutes,
+                    group.rates,
+                )
+            )
         except ValueError as exc:
             raise BadFrame(f"statistics of group {group.name[:64]!r}: {exc}") from None
         leased.update(group.leased_ids)
