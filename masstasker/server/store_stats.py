@@ -228,8 +228,12 @@ class StoreStatistics:
                 for group, count in Counter(map(_group_of, created)).items():
                     record(group).created += count
             return []
+        if not created:  # deletions only (a worker's completion): nothing can be a rewrite
+            for task in removed:
+                groups[task.group].departed += 1
+            return []
         gone = Counter(map(_group_of, removed))
-        came = Counter(map(_group_of, created)) if created else Counter()
+        came = Counter(map(_group_of, created))
         for group, count in came.items():
             rewrites = min(count, gone.get(group, 0))
             record(group).created += count - rewrites
