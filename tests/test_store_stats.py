@@ -324,7 +324,7 @@ class StatsAgainstModel(RuleBasedStateMachine):
 
 
 TestStatsAgainstModel = StatsAgainstModel.TestCase
-TestStatsAgainstModel.settings = settings(max_examples=150, stateful_step_count=30, deadline=None)
+TestStatsAgainstModel.settings = settings(max_examples=80, stateful_step_count=30, deadline=None)
 
 
 @given(
