@@ -324,7 +324,7 @@ class StatsAgainstModel(RuleBasedStateMachine):
 
 
 TestStatsAgainstModel = StatsAgainstModel.TestCase
-TestStatsAgainstModel.settings = settings(max_examples=150, stateful_step_count=30, deadline=None)
+TestStatsAgainstModel.settings = settings(max_examples=80, stateful_step_count=30, deadline=None)
 
 
 @given(
@@ -495,3 +495,70 @@ def test_eta_is_zero_for_an_empty_group_and_unknown_without_departures(store: St
     store.update([TaskSpec("g", None)])
     clock.now += 5 * S
     assert view.stats("g", clock.now).eta is None
+
+
+# -- the counter history on its own, against sums over every increment ----------------------------------------------
+
+
+@given(
+    steps=st.lists(
+        st.tuples(
+            st.sampled_from([0, 1, 1, 2, 59, 61, 3599, 3600, 3601, 86_399, 90_000]),  # seconds to the next close
+            st.integers(0, 3),
+            st.integers(0, 3),
+            st.integers(0, 3),
+        ),
+        min_size=1,
+        max_size=40,
+    ),
+    span=st.sampled_from([1, 7, 60, 600, 3600, 7200, 86_400]),
+    step=st.sampled_from([1, 5, 60, 300]),
+    trim=st.booleans(),
+)
+@settings(deadline=None)
+def test_counter_history_points_are_sums_of_what_was_recorded(
+    steps: list[tuple[int, int, int, int]], span: int, step: int, trim: bool
+) -> None:
+    from masstasker.server.counters import MINUTES_KEPT, SECONDS_KEPT, CounterHistory
+
+    history = CounterHistory()
+    second = 1_700_000_000
+    counters = [0, 0, 0]
+    recorded: dict[int, list[int]] = {}  # second -> increments
+    first = second
+    for gap, c, o, d in steps:
+        second += gap
+        counters = [counters[0] + c, counters[1] + o, counters[2] + d]
+        history.close(second, (counters[0], counters[1], counters[2]))
+        if c or o or d:
+            slot = recorded.setdefault(second, [0, 0, 0])
+            slot[0], slot[1], slot[2] = slot[0] + c, slot[1] + o, slot[2] + d
+        if trim:
+            history.trim(second)
+    if not recorded:
+        assert history.points(second, span, step, 0) == []
+        return
+    first = min(recorded)
+    last = max(recorded)
+    upto = second + 5
+
+    def at_end_of(moment: int) -> tuple[int, int, int]:
+        sums = [sum(v[i] for s, v in recorded.items() if s <= moment) for i in range(3)]
+        return sums[0], sums[1], sums[2]
+
+    points = history.points(upto, span, step, base=100)
+    if span <= SECONDS_KEPT and step < 60:
+        oldest = max(upto - span + 1, first, last - SECONDS_KEPT + 1)
+        ends = list(range(upto, oldest - 1, -step))[::-1]
+        expected = [(end + 1) * 10**9 for end in ends]
+        values = [at_end_of(end) for end in ends]
+    else:
+        minutes = -(-step // 60)
+        oldest = max((upto - span + 1) // 60, first // 60, last // 60 - MINUTES_KEPT + 1)
+        ends = list(range(upto // 60 - 1, oldest - 1, -minutes))[::-1]
+        expected = [(end + 1) * 60 * 10**9 for end in ends] + [(upto + 1) * 10**9]
+        values = [at_end_of((end + 1) * 60 - 1) for end in ends] + [at_end_of(upto)]
+    assert [p.time_ns for p in points] == expected
+    assert [(p.created, p.owned, p.departed) for p in points] == values
+    assert [p.total for p in points] == [max(100 + c - d, 0) for c, _, d in values]
+    assert history.memory() <= 4 * 3 * (SECONDS_KEPT + MINUTES_KEPT)

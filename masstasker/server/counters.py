@@ -6,8 +6,10 @@ departed from it) as they stand at the end of a second. It keeps:
 
 - the per-second increments for the last :data:`SECONDS_KEPT` seconds and the
   per-minute increments for the last :data:`MINUTES_KEPT` minutes, in two
-  ring buffers of 32-bit integers (60 KB per group once it has been busy;
-  nothing for a group that never changed);
+  ring buffers of 32-bit integers that grow with the time the group has
+  been busy: 12 bytes per second and per minute, at most 60 KB per group;
+  the per-second ring is freed after an hour without change, the
+  per-minute one after a day (:meth:`CounterHistory.trim`);
 - for each counter an exponentially weighted moving average of the
   per-second increments (time constant :data:`RATE_TAU_SECONDS`), bias
   corrected: the average is taken over the seconds since activity began, so
@@ -32,7 +34,9 @@ __all__ = [
     "SECONDS_KEPT",
     "CounterHistory",
     "CounterPoint",
+    "HistoryState",
     "RateEstimator",
+    "Ring",
 ]
 
 NANOS_PER_SECOND = 1_000_000_000
@@ -115,19 +119,69 @@ class RateEstimator:
         self._num, self._den, self._last = state
 
 
-def _clear(ring: array[int], start: int, stop: int, size: int) -> None:
-    """Zero the slots of periods start..stop-1 (at most the whole ring)."""
-    if stop - start >= size:
-        ring[:] = array("I", bytes(4 * _COUNTERS * size))
-        return
-    for period in range(start, stop):
-        base = (period % size) * _COUNTERS
-        ring[base] = ring[base + 1] = ring[base + 2] = 0
+class Ring:
+    """Increments of the three counters per period (second or minute), for the last ``size`` periods.
+
+    The slots grow with the span recorded (a group busy for five minutes
+    holds five minutes of seconds, not an hour) up to ``size``, then wrap.
+    Slot of period p: ``(p - origin) % size``.
+    """
+
+    __slots__ = ("data", "origin", "size")
+
+    def __init__(self, size: int, origin: int, data: array[int] | None = None) -> None:
+        self.size = size
+        self.origin = origin
+        self.data: array[int] = data if data is not None else array("I")
+
+    def slot(self, period: int, last: int | None) -> int:
+        """The index of ``period``'s first counter, after clearing the periods between ``last`` and it.
+
+        ``period`` is not older than ``last`` (the newest period written).
+        """
+        size, data = self.size, self.data
+        offset = period - self.origin
+        filled = len(data) // _COUNTERS
+        if filled < size:
+            if offset < filled:  # the newest period again
+                return offset * _COUNTERS
+            data.extend(_ZEROS[: _COUNTERS * (min(offset + 1, size) - filled)])
+            if offset < size:  # the new periods are the zeros just added
+                return offset * _COUNTERS
+        if last is not None:
+            if period - last >= size:
+                data[:] = _ZEROS[: _COUNTERS * size]
+            else:
+                for skipped in range(last + 1, period):
+                    i = ((skipped - self.origin) % size) * _COUNTERS
+                    data[i] = data[i + 1] = data[i + 2] = 0
+                if period > last:
+                    i = (offset % size) * _COUNTERS
+                    data[i] = data[i + 1] = data[i + 2] = 0
+        return (offset % size) * _COUNTERS
+
+    def add(self, period: int, last: int | None, deltas: tuple[int, int, int]) -> None:
+        """Add ``deltas`` to ``period``'s slot (saturating at 2**32 - 1)."""
+        data = self.data
+        i = self.slot(period, last)
+        data[i] = min(data[i] + deltas[0], _SLOT_MAX)
+        data[i + 1] = min(data[i + 1] + deltas[1], _SLOT_MAX)
+        data[i + 2] = min(data[i + 2] + deltas[2], _SLOT_MAX)
+
+    def get(self, period: int) -> tuple[int, int, int]:
+        """The increments of ``period`` (zeros outside what is kept: callers bound the range)."""
+        i = ((period - self.origin) % self.size) * _COUNTERS
+        data = self.data
+        if period < self.origin or i >= len(data):
+            return 0, 0, 0
+        return data[i], data[i + 1], data[i + 2]
 
 
-def _add(ring: array[int], base: int, deltas: tuple[int, int, int]) -> None:
-    for i in range(_COUNTERS):
-        ring[base + i] = min(ring[base + i] + deltas[i], _SLOT_MAX)
+_ZEROS = array("I", bytes(4 * _COUNTERS * SECONDS_KEPT))
+
+HistoryState = tuple[
+    tuple[int, int, int], int | None, int | None, int, bytes, int, bytes, list[tuple[float, float, int | None]]
+]
 
 
 class CounterHistory:
@@ -139,8 +193,8 @@ class CounterHistory:
         self._closed = (0, 0, 0)  # the counters at the end of second _last
         self._first: int | None = None  # the first second recorded
         self._last: int | None = None  # the newest second recorded
-        self._seconds: array[int] | None = None
-        self._minutes: array[int] | None = None
+        self._seconds: Ring | None = None  # None: nothing recorded within SECONDS_KEPT
+        self._minutes: Ring | None = None
         #: created, owned, departed
         self.rates = (RateEstimator(), RateEstimator(), RateEstimator())
 
@@ -166,21 +220,40 @@ class CounterHistory:
         deltas = (counters[0] - closed[0], counters[1] - closed[1], counters[2] - closed[2])
         self._closed = counters
         last = self._last
-        if last is not None and second < last:
+        if last is None:
+            self._first = second
+        elif second < last:
             second = last  # a clock that stepped back: keep the history monotonic
         seconds, minutes = self._seconds, self._minutes
-        if seconds is None or minutes is None or last is None:
-            seconds = self._seconds = array("I", bytes(4 * _COUNTERS * SECONDS_KEPT))
-            minutes = self._minutes = array("I", bytes(4 * _COUNTERS * MINUTES_KEPT))
-            self._first = second
+        if seconds is None:
+            seconds = self._seconds = Ring(SECONDS_KEPT, second)
+            last_second = None
         else:
-            _clear(seconds, last + 1, second + 1, SECONDS_KEPT)
-            _clear(minutes, last // 60 + 1, second // 60 + 1, MINUTES_KEPT)
+            last_second = last
+        if minutes is None:
+            minutes = self._minutes = Ring(MINUTES_KEPT, second // 60)
+            last_minute = None
+        else:
+            last_minute = None if last is None else last // 60
         self._last = second
-        _add(seconds, (second % SECONDS_KEPT) * _COUNTERS, deltas)
-        _add(minutes, (second // 60 % MINUTES_KEPT) * _COUNTERS, deltas)
+        seconds.add(second, last_second, deltas)
+        minutes.add(second // 60, last_minute, deltas)
         for estimator, delta in zip(self.rates, deltas, strict=True):
             estimator.add(second, delta)
+
+    def trim(self, second: int) -> None:
+        """Free the rings that hold nothing newer than what is kept at ``second`` (an idle group)."""
+        last = self._last
+        if last is None:
+            return
+        if self._seconds is not None and second - last >= SECONDS_KEPT:
+            self._seconds = None
+        if self._minutes is not None and second // 60 - last // 60 >= MINUTES_KEPT:
+            self._minutes = None
+
+    def memory(self) -> int:
+        """Bytes held by the rings."""
+        return sum(4 * len(r.data) for r in (self._seconds, self._minutes) if r is not None)
 
     def idle_since(self, second: int) -> bool:
         """Nothing recorded after ``second`` (true for a history never fed)."""
@@ -197,14 +270,15 @@ class CounterHistory:
         (constant over the group's life), from which each point's ``total``
         follows.
         """
-        last, first, seconds, minutes = self._last, self._first, self._seconds, self._minutes
-        if last is None or first is None or seconds is None or minutes is None or span <= 0:
+        last, first = self._last, self._first
+        if last is None or first is None or span <= 0:
             return []
         upto = max(upto, last)
         step = max(step, 1)
         created, owned, departed = self._closed
         points: list[CounterPoint] = []
         if span <= SECONDS_KEPT and step < 60:
+            ring = self._seconds
             oldest = max(upto - span + 1, first, last - SECONDS_KEPT + 1)
             end = upto
             period = last  # nothing was recorded after it
@@ -212,12 +286,12 @@ class CounterHistory:
                 points.append(_point(end + 1, created, owned, departed, base))
                 end -= step
                 while period > end:  # undo the increments of the seconds after the next point
-                    i = (period % SECONDS_KEPT) * _COUNTERS
-                    created -= seconds[i]
-                    owned -= seconds[i + 1]
-                    departed -= seconds[i + 2]
+                    if ring is not None:
+                        c, o, d = ring.get(period)
+                        created, owned, departed = created - c, owned - o, departed - d
                     period -= 1
         else:
+            ring = self._minutes
             step = -(-step // 60)  # in minutes
             oldest = max((upto - span + 1) // 60, first // 60, last // 60 - MINUTES_KEPT + 1)
             points.append(_point(upto + 1, created, owned, departed, base))
@@ -225,39 +299,37 @@ class CounterHistory:
             end = upto // 60 - 1  # the newest whole minute before upto's
             while end >= oldest:
                 while minute > end:
-                    i = (minute % MINUTES_KEPT) * _COUNTERS
-                    created -= minutes[i]
-                    owned -= minutes[i + 1]
-                    departed -= minutes[i + 2]
+                    if ring is not None:
+                        c, o, d = ring.get(minute)
+                        created, owned, departed = created - c, owned - o, departed - d
                     minute -= 1
                 points.append(_point((end + 1) * 60, created, owned, departed, base))
                 end -= step
         points.reverse()
         return points
 
-    def state(
-        self,
-    ) -> tuple[tuple[int, int, int], int | None, int | None, bytes, bytes, list[tuple[float, float, int | None]]]:
+    def state(self) -> HistoryState:
         """Everything, for a snapshot."""
+        seconds, minutes = self._seconds, self._minutes
         return (
             self._closed,
             self._first,
             self._last,
-            self._seconds.tobytes() if self._seconds is not None else b"",
-            self._minutes.tobytes() if self._minutes is not None else b"",
+            seconds.origin if seconds is not None else 0,
+            seconds.data.tobytes() if seconds is not None else b"",
+            minutes.origin if minutes is not None else 0,
+            minutes.data.tobytes() if minutes is not None else b"",
             [r.state() for r in self.rates],
         )
 
-    def restore(
-        self,
-        state: tuple[tuple[int, int, int], int | None, int | None, bytes, bytes, list[tuple[float, float, int | None]]],
-    ) -> None:
-        """Undo :meth:`state`; ValueError if the rings do not have the expected size."""
-        closed, first, last, seconds, minutes, rates = state
-        if seconds or minutes:
-            if len(seconds) != 4 * _COUNTERS * SECONDS_KEPT or len(minutes) != 4 * _COUNTERS * MINUTES_KEPT:
-                raise ValueError("counter history rings of the wrong size")
-            self._seconds, self._minutes = array("I", seconds), array("I", minutes)
+    def restore(self, state: HistoryState) -> None:
+        """Undo :meth:`state`; ValueError if a ring does not fit."""
+        closed, first, last, second_origin, seconds, minute_origin, minutes, rates = state
+        for raw, size in ((seconds, SECONDS_KEPT), (minutes, MINUTES_KEPT)):
+            if len(raw) % (4 * _COUNTERS) or len(raw) > 4 * _COUNTERS * size:
+                raise ValueError(f"a counter history ring of {len(raw)} bytes")
+        self._seconds = Ring(SECONDS_KEPT, second_origin, array("I", seconds)) if seconds else None
+        self._minutes = Ring(MINUTES_KEPT, minute_origin, array("I", minutes)) if minutes else None
         self._closed, self._first, self._last = closed, first, last
         for estimator, rate in zip(self.rates, rates, strict=True):
             estimator.restore(rate)

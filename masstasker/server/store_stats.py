@@ -57,6 +57,7 @@ FORGET_IDLE_SECONDS = 24 * 3600
 _FORGET_EVERY_SECONDS = 60
 _ERROR_TAG = 0x32  # field 6 (Task.error), wire type 2 (length-delimited)
 _group_of = attrgetter("group")
+_key_of = attrgetter("key")
 
 
 class GroupRecord:
@@ -133,6 +134,10 @@ class StoreStatistics:
         self.since = clock()
         self._open = self.since // _NANOS  # the second the counters' pending changes belong to
         self._next_forget = 0
+        #: The last commit's kind and time (ns, the store's clock): the log records them.
+        self.last_kind = UPDATE
+        self.last_time = self.since
+        self._untimed = False  # recovery replayed records without a time (an old log)
 
     def record(self, group: str) -> GroupRecord:
         """The group's record, made on first use."""
@@ -157,7 +162,8 @@ class StoreStatistics:
 
     def committed(self, kind: int, removed: list[_Task], created: list[_Task], errored: list[_Task]) -> None:
         """Account for one committed change (``created[i]`` replaces ``removed[i]`` for OWN)."""
-        now = self._clock()
+        now = self.last_time = self._clock()
+        self.last_kind = kind
         if now // _NANOS > self._open:
             self._close_open_second(now)
         groups = self.groups
@@ -167,7 +173,9 @@ class StoreStatistics:
             record.owned += len(created)
             self._add_leased(created)
         else:
-            self._count(kind, removed, created, was_leased, now)
+            carried = self._count(kind, removed, created, was_leased, now)
+            if carried:
+                self._add_leased(carried)
         if errored:
             for task in errored:
                 record = groups[task.group]
@@ -206,8 +214,11 @@ class StoreStatistics:
         created: list[_Task],
         was_leased: set[int] | None,
         now: int,
-    ) -> None:
-        """Counters for an Update or BulkSet: per group, min(removed, created) pairs are rewrites."""
+    ) -> list[_Task]:
+        """Counters for an Update or BulkSet: per group, min(removed, created) pairs are rewrites.
+
+        Returns the created tasks that carry over a removed task's lease.
+        """
         groups = self.groups
         record = self.record
         if not removed:
@@ -216,18 +227,70 @@ class StoreStatistics:
             else:
                 for group, count in Counter(map(_group_of, created)).items():
                     record(group).created += count
-            return
+            return []
+        if not created:  # deletions only (a worker's completion): nothing can be a rewrite
+            for task in removed:
+                groups[task.group].departed += 1
+            return []
         gone = Counter(map(_group_of, removed))
-        came = Counter(map(_group_of, created)) if created else Counter()
+        came = Counter(map(_group_of, created))
         for group, count in came.items():
             rewrites = min(count, gone.get(group, 0))
             record(group).created += count - rewrites
         for group, count in gone.items():
             groups[group].departed += count - min(count, came.get(group, 0))
         if was_leased and created:
-            self._add_leased(_inherited_leases(kind, removed, created, was_leased, now))
+            return _inherited_leases(kind, removed, created, was_leased, now)
+        return []
 
     # -- recovery ---------------------------------------------------------------
+
+    def replayed(
+        self, kind: int, time: int | None, removed: list[_Task], created: list[_Task], leased_ids: set[int]
+    ) -> None:
+        """Count one log record as :meth:`committed` counted it live (recovery, in log order).
+
+        The lease and error indices are rebuilt once at the end
+        (:meth:`recovered`); meanwhile ``leased_ids`` holds the IDs that
+        carry a lease, and is updated here. ``time`` None (a record of an
+        old log, which has no time and no kind) counts as an Update and
+        leaves the history alone.
+        """
+        if time is None:
+            self._untimed = True
+        elif time // _NANOS > self._open:
+            self._close_open_second(time)
+        was_leased = {t.key for t in removed if t.id in leased_ids}
+        for task in removed:
+            leased_ids.discard(task.id)
+        if kind == OWN:
+            self.record(created[0].group).owned += len(created)
+            leased_ids.update(t.id for t in created)
+            return
+        for task in self._count(kind, removed, created, was_leased, 0 if time is None else time):
+            leased_ids.add(task.id)
+
+    def recovered(
+        self, get: Callable[[int], _Task | None], leased_ids: Iterable[int], size: Callable[[str], int]
+    ) -> None:
+        """After recovery: the lease index from ``leased_ids``, and ``base`` from each group's size."""
+        leases = [task for task in map(get, leased_ids) if task is not None]
+        self._add_leased(sorted(leases, key=_key_of))
+        for group, record in self.groups.items():
+            record.base = size(group) - record.created + record.departed
+            if self._untimed:
+                record.history.start(record.counters())
+        self._untimed = False
+
+    def load(self, since: int, open_second: int) -> None:
+        """The start of the counters and the open second, from a snapshot."""
+        self.since = since
+        self._open = open_second
+
+    @property
+    def open_second(self) -> int:
+        """The second that changes not yet in the histories belong to (snapshots keep it)."""
+        return self._open
 
     def restored(self, group: str, count: int, error_keys: Iterable[int]) -> None:
         """Tasks put back by recovery: they join ``base``, not the counters."""
@@ -266,6 +329,8 @@ class StoreStatistics:
             stale = [g for g, r in groups.items() if r.history.idle_since(horizon) and r.is_empty()]
             for group in stale:
                 del groups[group]
+            for record in groups.values():
+                record.history.trim(second)
 
     def rate_second(self, now: int) -> int:
         """The newest complete second at ``now``: rates and ETAs are read as of its end."""
