@@ -144,6 +144,19 @@ def test_show_decodes_known_payloads_and_falls_back_to_bytes(server: BackgroundS
     assert "999999" in missing.stderr and "Traceback" not in missing.stderr
 
 
+def test_show_decodes_types_from_imported_modules(server: BackgroundServer, client: Client) -> None:
+    from google.protobuf import api_pb2  # a type the command does not load by itself
+
+    task = pb.Task(group="imp")
+    task.data.Pack(api_pb2.Api(name="example.Service", version="v2"))
+    client.create(task)
+    plain = ok_json(server.target, "show", str(task.id))
+    assert plain["data"]["fields"] is None and plain["data"]["type_url"].endswith("google.protobuf.Api")
+    decoded = masstasker(server.target, "--import", "google.protobuf.api_pb2", "show", str(task.id), "--json")
+    assert decoded.returncode == 0, decoded.stderr
+    assert json.loads(decoded.stdout)["data"]["fields"] == {"name": "example.Service", "version": "v2"}
+
+
 # -- changing ------------------------------------------------------------------------------------------------
 
 
