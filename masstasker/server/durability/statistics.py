@@ -13,7 +13,7 @@ A version-2 snapshot carries, between its header and its tasks, one frame
 Error indices are not stored: recovery finds them in the task bodies.
 Everything is captured on the event loop with the tasks, so it matches
 the snapshot's record number exactly; the log after it is counted again
-by recovery (:meth:`~masstasker.server.store_stats.StoreStatistics.replayed`).
+by recovery (:meth:`~masstasker.server.stores.memory.stats.StoreStatistics.replayed`).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import struct
 from dataclasses import dataclass
 
 from masstasker.server.durability.records import BadFrame
-from masstasker.server.store_stats import StoreStatistics
+from masstasker.server.stores.memory.stats import StoreStatistics
 
 __all__ = ["GroupState", "StatisticsState", "apply_statistics", "decode_statistics", "encode_statistics"]
 

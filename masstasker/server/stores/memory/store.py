@@ -28,7 +28,7 @@ from typing import NamedTuple
 
 from sortedcontainers import SortedList
 
-from masstasker.server.store_stats import BULK_SET, OWN, UPDATE, StoreStatistics, body_has_error
+from masstasker.server.stores.memory.stats import BULK_SET, OWN, UPDATE, StoreStatistics, body_has_error
 
 __all__ = [
     "MAX_ID",
@@ -265,14 +265,12 @@ class Store:
         not_before: int | None = None,
         body_patch: Callable[[bytes], bytes] | None = None,
         labels: tuple[tuple[str, str], ...] | None = None,
-        sets_error: bool = False,
     ) -> int:
         """Replace every selected task by a copy with the given fields overwritten.
 
         ``body_patch`` rewrites the serialized body (data, labels, error) and
         ``labels`` is then the copy's label pairs; None keeps the old ones.
-        ``sets_error`` says the patch sets a non-empty error. Returns how many
-        tasks were rewritten. Cost as :meth:`update`.
+        Returns how many tasks were rewritten. Cost as :meth:`update`.
         """
         doomed = self._resolve(refs)
         self._check_ids(len(doomed))
@@ -280,13 +278,15 @@ class Store:
         is_error = self.stats.is_error
         for task_id in doomed:
             old = self._tasks[task_id]
+            body = old.body if body_patch is None else body_patch(old.body)
             specs.append(
                 TaskSpec(
                     group=old.group if group is None else group,
                     not_before=old.not_before if not_before is None else not_before,
-                    body=old.body if body_patch is None else body_patch(old.body),
+                    body=body,
                     labels=old.labels if labels is None else (labels or None),
-                    error=sets_error or is_error(old.group, old.key),
+                    # A patched body is read once here (BulkSet is rare); otherwise the error index says.
+                    error=is_error(old.group, old.key) if body_patch is None else body_has_error(body),
                 )
             )
         self._commit(doomed, specs, BULK_SET)
