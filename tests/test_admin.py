@@ -278,3 +278,31 @@ def test_a_postgresql_store_answers_unimplemented_and_keeps_its_size_metrics(
     page = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=TIMEOUT).read().decode()
     assert 'masstasker_num_tasks{group="pg"} 1.0' in page
     assert "masstasker_leased_tasks" not in page
+
+
+# -- the Grafana dashboard shipped in docs/ -----------------------------------------------------------------------
+
+
+def test_the_grafana_dashboard_uses_only_metrics_the_server_exports(
+    clocked: BackgroundServer, stubs: tuple[pb_grpc.MassTaskerStub, apb_grpc.AdminStub], clock: Clock
+) -> None:
+    import json
+    import re
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    dashboard = json.loads((Path(__file__).resolve().parent.parent / "docs" / "grafana-dashboard.json").read_text())
+    exprs = [target["expr"] for panel in dashboard["panels"] for target in panel.get("targets", [])]
+    exprs += [v["definition"] for v in dashboard["templating"]["list"] if "definition" in v]
+    used = {name for expr in exprs for name in re.findall(r"\bmasstasker_[a-z_]+\b", expr)}
+    assert len(used) >= 12, used
+    # Activity, so every family has samples: tasks created, leased, failed, departed, an RPC or two.
+    mt, _ = stubs
+    mt.Update(pb.UpdateRequest(created=[pb.Task(group="d"), pb.Task(group="d", error="x")]), timeout=TIMEOUT)
+    [task] = own(mt, clock, "d", 60)
+    mt.Update(pb.UpdateRequest(deleted=[pb.TaskRef(id=task.id)]), timeout=TIMEOUT)
+    clock.advance(2 * S)  # a closed second with a departure: the ETA is known
+    port = clocked.server.http_port  # type: ignore[union-attr]
+    page = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=TIMEOUT).read().decode()
+    exported = {sample.name for family in text_string_to_metric_families(page) for sample in family.samples}
+    assert used <= exported, f"the dashboard uses metrics the server does not export: {sorted(used - exported)}"
