@@ -116,7 +116,7 @@ def load_snapshot(path: Path, store: Store) -> tuple[int, int, set[int] | None]:
                 yield from decode_tasks(payload)
 
         try:
-            store.restore_all(tasks())
+            store.restore_all(tasks(), errors=statistics.error_ids() if statistics is not None else None)
         except (BadFrame, BadRequest) as exc:
             raise CorruptFile(name, offset, str(exc)) from None
         if len(store) != count:
