@@ -139,7 +139,7 @@ def test_statistics_and_listings_of_a_job_in_progress(
     assert (got.task.id, got.task.group, got.state) == (owned[1].id, "work", apb.TASK_STATE_LEASED)
     clock.advance(60 * S)  # the lease expires: the task is visible again
     assert admin.GetTask(apb.GetTaskRequest(id=owned[1].id), timeout=TIMEOUT).state == apb.TASK_STATE_VISIBLE
-    clocked.call(lambda s: s.store._check())
+    clocked.call(lambda s: s.store.check())
 
 
 def test_eta_through_the_api_follows_a_steady_drain(
@@ -255,3 +255,54 @@ def test_admin_calls_go_over_tls_only(make_server: Callable[..., BackgroundServe
     credentials = grpc.ssl_channel_credentials(root_certificates=pki.ca.cert)
     with grpc.secure_channel(server.target, credentials) as secure:
         assert apb_grpc.AdminStub(secure).ListGroups(apb.ListGroupsRequest(), timeout=TIMEOUT).HasField("now")
+
+
+# -- a store that keeps no statistics ---------------------------------------------------------------------------
+
+
+def test_a_postgresql_store_answers_unimplemented_and_keeps_its_size_metrics(
+    make_server: Callable[..., BackgroundServer], request: pytest.FixtureRequest
+) -> None:
+    """The PostgreSQL store keeps no per-group statistics yet: say so, never answer made-up numbers."""
+    pytest.importorskip("psycopg")
+    dsn = request.getfixturevalue("postgresql_dsn")
+    schema = request.getfixturevalue("postgresql_schema")
+    server = make_server(store=dsn, store_schema=schema, listen_http="127.0.0.1:0")
+    with grpc.insecure_channel(server.target) as channel:
+        pb_grpc.MassTaskerStub(channel).Update(pb.UpdateRequest(created=[pb.Task(group="pg")]), timeout=TIMEOUT)
+        code, details = code_of(
+            lambda: apb_grpc.AdminStub(channel).ListGroups(apb.ListGroupsRequest(), timeout=TIMEOUT)
+        )
+    assert code == grpc.StatusCode.UNIMPLEMENTED and "PostgreSQL" in details, details
+    port = server.server.http_port  # type: ignore[union-attr]
+    page = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=TIMEOUT).read().decode()
+    assert 'masstasker_num_tasks{group="pg"} 1.0' in page
+    assert "masstasker_leased_tasks" not in page
+
+
+# -- the Grafana dashboard shipped in docs/ -----------------------------------------------------------------------
+
+
+def test_the_grafana_dashboard_uses_only_metrics_the_server_exports(
+    clocked: BackgroundServer, stubs: tuple[pb_grpc.MassTaskerStub, apb_grpc.AdminStub], clock: Clock
+) -> None:
+    import json
+    import re
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    dashboard = json.loads((Path(__file__).resolve().parent.parent / "docs" / "grafana-dashboard.json").read_text())
+    exprs = [target["expr"] for panel in dashboard["panels"] for target in panel.get("targets", [])]
+    exprs += [v["definition"] for v in dashboard["templating"]["list"] if "definition" in v]
+    used = {name for expr in exprs for name in re.findall(r"\bmasstasker_[a-z_]+\b", expr)}
+    assert len(used) >= 12, used
+    # Activity, so every family has samples: tasks created, leased, failed, departed, an RPC or two.
+    mt, _ = stubs
+    mt.Update(pb.UpdateRequest(created=[pb.Task(group="d"), pb.Task(group="d", error="x")]), timeout=TIMEOUT)
+    [task] = own(mt, clock, "d", 60)
+    mt.Update(pb.UpdateRequest(deleted=[pb.TaskRef(id=task.id)]), timeout=TIMEOUT)
+    clock.advance(2 * S)  # a closed second with a departure: the ETA is known
+    port = clocked.server.http_port  # type: ignore[union-attr]
+    page = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=TIMEOUT).read().decode()
+    exported = {sample.name for family in text_string_to_metric_families(page) for sample in family.samples}
+    assert used <= exported, f"the dashboard uses metrics the server does not export: {sorted(used - exported)}"

@@ -22,7 +22,7 @@ from masstasker.server import BackgroundServer, Settings
 from masstasker.server.durability.files import segment_path
 from masstasker.server.durability.records import encode_change_v1, frame
 from masstasker.server.durability.snapshot import list_snapshots
-from masstasker.server.store import StoredTask
+from masstasker.server.stores.memory.store import StoredTask
 from masstasker.testing import run_server_process
 
 S = 1_000_000_000
@@ -96,7 +96,7 @@ def workload(mt: pb_grpc.MassTaskerStub, clock: Clock) -> None:
 
 def observe(server: BackgroundServer) -> dict[str, Any]:
     """Everything the admin API says, history included, plus the store's own invariant check."""
-    server.call(lambda s: s.store._check())
+    server.call(lambda s: s.store.check())
     with grpc.insecure_channel(server.target) as channel:
         admin = apb_grpc.AdminStub(channel)
         groups = admin.ListGroups(apb.ListGroupsRequest(history=Duration(seconds=600)), timeout=TIMEOUT)
@@ -154,7 +154,7 @@ def test_an_old_log_without_kinds_or_times_is_still_read(
     with grpc.insecure_channel(server.target) as channel:
         stats = apb_grpc.AdminStub(channel).GetGroup(apb.GetGroupRequest(group="old"), timeout=TIMEOUT).group
     assert (stats.total, stats.errors, stats.created, stats.departed) == (1, 1, 2, 1)
-    server.call(lambda s: s.store._check())
+    server.call(lambda s: s.store.check())
 
 
 def test_counts_of_acknowledged_operations_are_exact_after_sigkill(tmp_path: Path) -> None:

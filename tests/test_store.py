@@ -7,7 +7,8 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from masstasker.server.store import (
+from masstasker.server.stores.memory.stats import body_has_error
+from masstasker.server.stores.memory.store import (
     BadRequest,
     GroupRef,
     IdRef,
@@ -19,7 +20,6 @@ from masstasker.server.store import (
     StoredTask,
     TaskSpec,
 )
-from masstasker.server.store_stats import body_has_error
 
 NOW = 1_000_000
 

@@ -11,9 +11,10 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from masstasker._pb import masstasker_pb2 as pb
-from masstasker.server.memory_admin import MemoryAdminView
 from masstasker.server.stats import HistoryRequest, TaskState
-from masstasker.server.store import (
+from masstasker.server.stores.memory.admin import MemoryAdminView
+from masstasker.server.stores.memory.stats import FORGET_IDLE_SECONDS, body_has_error
+from masstasker.server.stores.memory.store import (
     BadRequest,
     GroupRef,
     IdRef,
@@ -24,7 +25,6 @@ from masstasker.server.store import (
     Store,
     TaskSpec,
 )
-from masstasker.server.store_stats import FORGET_IDLE_SECONDS, body_has_error
 
 S = 1_000_000_000
 NOW = 1_700_000_000 * S
@@ -258,7 +258,6 @@ class StatsAgainstModel(RuleBasedStateMachine):
                 group=group,
                 not_before=not_before,
                 body_patch=patch if set_error else None,
-                sets_error=set_error,
             ),
             model,
         )
@@ -405,7 +404,7 @@ def test_bulk_set_keeps_a_lease_only_when_it_keeps_group_and_not_before(store: S
     def set_error(old: bytes) -> bytes:
         return body("noted")
 
-    store.bulk_set([IdRef(a.id)], body_patch=set_error, sets_error=True)  # same group and not_before: still leased
+    store.bulk_set([IdRef(a.id)], body_patch=set_error)  # same group and not_before: still leased
     store.bulk_set([IdRef(b.id)], not_before=clock.now + 120 * S)  # postponed by an operator: scheduled
     store.bulk_set([IdRef(c.id)], group="other")  # moved: a departure, scheduled there
     stats = view.stats("g", clock.now)

@@ -101,7 +101,8 @@ class Session:
             response: Any = getattr(self._admin, method)(request, timeout=self.connection.timeout)
         except grpc.RpcError as exc:
             mapped = from_rpc_error(exc)
-            if mapped.code == grpc.StatusCode.UNIMPLEMENTED:
+            if mapped.code == grpc.StatusCode.UNIMPLEMENTED and mapped.details in ("", "Method not found!"):
+                # gRPC's own answer for a service the server does not have (its store's answer is kept).
                 raise StatusError(mapped.code, _ADMIN_MISSING) from exc
             raise mapped from exc
         assert isinstance(response, response_type)

@@ -1,12 +1,12 @@
 """The admin gRPC servicer (``masstasker.admin.v1.Admin``): read-only views for operators.
 
-A thin layer: requests are validated and turned into calls on an
-:class:`~masstasker.server.stats.AdminView` (the store's statistics and
-listings), and the values it returns into admin messages. Like the
-MassTasker servicer it takes and returns raw bytes, so a request that does
-not parse is INVALID_ARGUMENT, and with a data directory an answer waits
-until everything it may reveal is durable. Tokens and TLS apply to it as to
-every service of the server (they are the server's, not a servicer's).
+A thin layer: requests are validated and turned into calls on the store's
+:class:`~masstasker.server.stats.AdminView` (its statistics and listings),
+and the values it returns into admin messages. Like the MassTasker servicer
+it takes and returns raw bytes, so a request that does not parse is
+INVALID_ARGUMENT. A store that keeps no statistics (``admin`` None) answers
+UNIMPLEMENTED. Tokens and TLS apply to it as to every service of the server
+(they are the server's, not a servicer's).
 """
 
 from __future__ import annotations
@@ -21,11 +21,10 @@ from google.protobuf.message import DecodeError
 
 from masstasker._pb import masstasker_admin_pb2 as apb
 from masstasker.server.convert import duration_ns, fill_task, labels_tuple
-from masstasker.server.durability import Persistence
 from masstasker.server.limits import Limits
 from masstasker.server.metrics import RpcMetrics
 from masstasker.server.stats import AdminView, GroupStats, HistoryRequest, TaskState
-from masstasker.server.store import BadRequest, NotFound, PreconditionFailed
+from masstasker.server.stores.base import BadRequest, NotFound, PreconditionFailed, StoreUnavailable
 
 __all__ = ["ADMIN_SERVICE_NAME", "DEFAULT_PAGE_SIZE", "MAX_HISTORY_SECONDS", "MAX_PAGE_SIZE", "AdminService"]
 
@@ -43,6 +42,7 @@ _CODES: dict[type[BaseException], grpc.StatusCode] = {
     BadRequest: grpc.StatusCode.INVALID_ARGUMENT,
     NotFound: grpc.StatusCode.NOT_FOUND,
     PreconditionFailed: grpc.StatusCode.FAILED_PRECONDITION,
+    StoreUnavailable: grpc.StatusCode.UNAVAILABLE,
 }
 _STATES = {int(s) for s in TaskState}
 
@@ -92,18 +92,18 @@ class AdminService:
 
     def __init__(
         self,
-        view: AdminView,
+        view: AdminView | None,
         limits: Limits,
         metrics: RpcMetrics,
         *,
         clock: Callable[[], int] = time.time_ns,
-        persistence: Persistence | None = None,
+        store_name: str = "this store",
     ) -> None:
         self._view = view
         self._limits = limits
         self._metrics = metrics
         self._clock = clock
-        self._persistence = persistence
+        self._store_name = store_name
 
     def handler(self) -> grpc.GenericRpcHandler:  # type: ignore[type-arg]
         """The generic handler to register with a server."""
@@ -119,19 +119,21 @@ class AdminService:
         )
 
     def _wrap(self, method: str, fn: Callable[[bytes], Awaitable[bytes]]) -> Handler:
-        """Status codes, metrics and durable answers around one RPC."""
+        """Status codes and metrics around one RPC."""
         observe = self._metrics.observer(f"admin.{method}")
-        persistence = self._persistence
-
-        async def call(data: bytes, context: object) -> bytes:
-            return await fn(data)
-
-        body = call if persistence is None else persistence.acknowledging(call)
+        unimplemented = (
+            f"the admin API needs per-group statistics, which {self._store_name} does not keep"
+            if self._view is None
+            else None
+        )
 
         async def handle(data: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
             start = time.perf_counter()
+            if unimplemented is not None:
+                observe("UNIMPLEMENTED", time.perf_counter() - start)
+                await context.abort(grpc.StatusCode.UNIMPLEMENTED, unimplemented)
             try:
-                response = await body(data, context)
+                response = await fn(data)
             except Exception as exc:
                 code = _CODES.get(type(exc))
                 if code is None:
@@ -146,6 +148,10 @@ class AdminService:
 
         return handle
 
+    def _view_(self) -> AdminView:
+        assert self._view is not None  # _wrap answers UNIMPLEMENTED before any handler runs without one
+        return self._view
+
     async def list_groups(self, data: bytes) -> bytes:
         """ListGroups: every group with its statistics."""
         request = _parse(apb.ListGroupsRequest, data)
@@ -154,7 +160,7 @@ class AdminService:
         response = apb.ListGroupsResponse()
         response.now.FromNanoseconds(now)
         add = response.groups.add
-        for stats in await self._view.group_stats(now, history):
+        for stats in await self._view_().group_stats(now, history):
             fill_stats(add(), stats)
         return response.SerializeToString()
 
@@ -166,7 +172,7 @@ class AdminService:
         now = self._clock()
         response = apb.GetGroupResponse()
         response.now.FromNanoseconds(now)
-        fill_stats(response.group, await self._view.one_group_stats(request.group, now, history))
+        fill_stats(response.group, await self._view_().one_group_stats(request.group, now, history))
         return response.SerializeToString()
 
     async def list_tasks(self, data: bytes) -> bytes:
@@ -180,7 +186,7 @@ class AdminService:
             raise BadRequest(f"state {request.state} is not a TaskState")
         page_size = min(request.page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
         now = self._clock()
-        page = await self._view.list_tasks(
+        page = await self._view_().list_tasks(
             request.group,
             now,
             state=TaskState(request.state),
@@ -201,7 +207,7 @@ class AdminService:
         """GetTask: one task by ID, with its state."""
         request = _parse(apb.GetTaskRequest, data)
         now = self._clock()
-        task, state = await self._view.get_task(request.id, now)
+        task, state = await self._view_().get_task(request.id, now)
         response = apb.GetTaskResponse(state=int(state))  # type: ignore[arg-type]
         fill_task(response.task, task)
         response.now.FromNanoseconds(now)

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from masstasker.server.counters import CounterPoint
-from masstasker.server.store import StoredTask
+from masstasker.server.stores.memory.store import StoredTask
 
 __all__ = ["AdminView", "CounterPoint", "GroupStats", "HistoryRequest", "TaskPage", "TaskState", "eta_ns"]
 
@@ -102,8 +102,14 @@ class AdminView(Protocol):
     for a malformed page token, NotFound for a missing task.
     """
 
-    async def group_stats(self, now: int, history: HistoryRequest | None = None) -> list[GroupStats]:
-        """Every group with tasks or with counters, sorted by name."""
+    async def group_stats(
+        self, now: int, history: HistoryRequest | None = None, *, wait_durable: bool = True
+    ) -> list[GroupStats]:
+        """Every group with tasks or with counters, sorted by name.
+
+        ``wait_durable`` False answers at once even when changes it counts are
+        not durable yet (metrics: they must work after durability is lost).
+        """
         ...
 
     async def one_group_stats(self, group: str, now: int, history: HistoryRequest | None = None) -> GroupStats:

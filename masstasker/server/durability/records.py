@@ -39,8 +39,8 @@ import zlib
 from collections.abc import Iterable, Sequence
 from typing import NamedTuple
 
-from masstasker.server.store import NANOS_PER_SECOND, StoredTask
-from masstasker.server.store_stats import UPDATE
+from masstasker.server.stores.memory.stats import UPDATE
+from masstasker.server.stores.memory.store import NANOS_PER_SECOND, StoredTask
 
 __all__ = [
     "CHANGE_VERSION",

@@ -23,8 +23,16 @@ from masstasker.server.durability.files import (
 )
 from masstasker.server.durability.records import BadFrame, Change, decode_change
 from masstasker.server.durability.snapshot import list_snapshots, load_snapshot
-from masstasker.server.store import MAX_ID, NANOS_PER_SECOND, BadRequest, NotFound, Store, StoredTask, StoreError
-from masstasker.server.store_stats import OWN
+from masstasker.server.stores.memory.stats import OWN
+from masstasker.server.stores.memory.store import (
+    MAX_ID,
+    NANOS_PER_SECOND,
+    BadRequest,
+    NotFound,
+    Store,
+    StoredTask,
+    StoreError,
+)
 
 __all__ = ["Recovered", "recover"]
 

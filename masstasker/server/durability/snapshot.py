@@ -22,7 +22,7 @@ from pathlib import Path
 from masstasker.server.durability.files import CorruptFile, FrameReader, fsync_dir, numbered_files
 from masstasker.server.durability.records import BadFrame, decode_tasks, encode_tasks, frame
 from masstasker.server.durability.statistics import apply_statistics, decode_statistics
-from masstasker.server.store import BadRequest, Store, StoredTask
+from masstasker.server.stores.memory.store import BadRequest, Store, StoredTask
 
 __all__ = ["CHUNK_TASKS", "list_snapshots", "load_snapshot", "snapshot_path", "write_snapshot"]
 
@@ -116,7 +116,7 @@ def load_snapshot(path: Path, store: Store) -> tuple[int, int, set[int] | None]:
                 yield from decode_tasks(payload)
 
         try:
-            store.restore_all(tasks())
+            store.restore_all(tasks(), errors=statistics.error_ids() if statistics is not None else None)
         except (BadFrame, BadRequest) as exc:
             raise CorruptFile(name, offset, str(exc)) from None
         if len(store) != count:

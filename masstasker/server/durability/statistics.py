@@ -8,12 +8,12 @@ A version-2 snapshot carries, between its header and its tasks, one frame
     | i64 seconds ring origin | i64 minutes ring origin
     | 3 x (f64 num | f64 den | u8 set | i64 last second)      (the created, owned, departed rates)
     | u32 len(seconds ring) | u32 len(minutes ring) | rings (u32 triples)
-    | u32 leased | leased task IDs as u64
+    | u32 leased | leased task IDs as u64 | u32 in error | IDs of tasks with an error as u64
 
-Error indices are not stored: recovery finds them in the task bodies.
+The error IDs spare recovery a look into every task body.
 Everything is captured on the event loop with the tasks, so it matches
 the snapshot's record number exactly; the log after it is counted again
-by recovery (:meth:`~masstasker.server.store_stats.StoreStatistics.replayed`).
+by recovery (:meth:`~masstasker.server.stores.memory.stats.StoreStatistics.replayed`).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import struct
 from dataclasses import dataclass
 
 from masstasker.server.durability.records import BadFrame
-from masstasker.server.store_stats import StoreStatistics
+from masstasker.server.stores.memory.stats import StoreStatistics
 
 __all__ = ["GroupState", "StatisticsState", "apply_statistics", "decode_statistics", "encode_statistics"]
 
@@ -51,6 +51,7 @@ class GroupState:
     minute_origin: int
     minutes: bytes
     leased_ids: list[int]
+    error_ids: list[int]
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +61,10 @@ class StatisticsState:
     since: int
     open_second: int
     groups: list[GroupState]
+
+    def error_ids(self) -> set[int]:
+        """The IDs of every task with an error."""
+        return {task_id for group in self.groups for task_id in group.error_ids}
 
 
 def encode_statistics(stats: StoreStatistics) -> list[bytes]:
@@ -81,6 +86,9 @@ def encode_statistics(stats: StoreStatistics) -> list[bytes]:
         leased = [key & _ID_MASK for key in record.leased or ()]
         out.append(_NAME.pack(len(leased)))
         out.append(struct.pack(f"<{len(leased)}Q", *leased))
+        errors = [key & _ID_MASK for key in record.errors or ()]
+        out.append(_NAME.pack(len(errors)))
+        out.append(struct.pack(f"<{len(errors)}Q", *errors))
         payloads.append(b"".join(out))
     return payloads
 
@@ -118,6 +126,10 @@ def _decode_group(data: bytes) -> GroupState:
     pos += _NAME.size
     leased = list(struct.unpack_from(f"<{n_leased}Q", data, pos))
     pos += 8 * n_leased
+    (n_errors,) = _NAME.unpack_from(data, pos)
+    pos += _NAME.size
+    errors = list(struct.unpack_from(f"<{n_errors}Q", data, pos))
+    pos += 8 * n_errors
     if pos != len(data) or len(seconds) != n_seconds or len(minutes) != n_minutes:
         raise BadFrame(f"statistics of group {name[:64]!r}: {len(data) - pos} bytes left over or missing")
     return GroupState(
@@ -132,6 +144,7 @@ def _decode_group(data: bytes) -> GroupState:
         minute_origin,
         minutes,
         leased,
+        errors,
     )
 
 

@@ -21,14 +21,14 @@ Times are integer nanoseconds since the Unix epoch throughout.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Container, Iterable, Iterator
 from dataclasses import dataclass
 from itertools import islice
 from typing import NamedTuple
 
 from sortedcontainers import SortedList
 
-from masstasker.server.store_stats import BULK_SET, OWN, UPDATE, StoreStatistics, body_has_error
+from masstasker.server.stores.memory.stats import BULK_SET, OWN, UPDATE, StoreStatistics, body_has_error
 
 __all__ = [
     "MAX_ID",
@@ -265,14 +265,12 @@ class Store:
         not_before: int | None = None,
         body_patch: Callable[[bytes], bytes] | None = None,
         labels: tuple[tuple[str, str], ...] | None = None,
-        sets_error: bool = False,
     ) -> int:
         """Replace every selected task by a copy with the given fields overwritten.
 
         ``body_patch`` rewrites the serialized body (data, labels, error) and
         ``labels`` is then the copy's label pairs; None keeps the old ones.
-        ``sets_error`` says the patch sets a non-empty error. Returns how many
-        tasks were rewritten. Cost as :meth:`update`.
+        Returns how many tasks were rewritten. Cost as :meth:`update`.
         """
         doomed = self._resolve(refs)
         self._check_ids(len(doomed))
@@ -280,13 +278,15 @@ class Store:
         is_error = self.stats.is_error
         for task_id in doomed:
             old = self._tasks[task_id]
+            body = old.body if body_patch is None else body_patch(old.body)
             specs.append(
                 TaskSpec(
                     group=old.group if group is None else group,
                     not_before=old.not_before if not_before is None else not_before,
-                    body=old.body if body_patch is None else body_patch(old.body),
+                    body=body,
                     labels=old.labels if labels is None else (labels or None),
-                    error=sets_error or is_error(old.group, old.key),
+                    # A patched body is read once here (BulkSet is rare); otherwise the error index says.
+                    error=is_error(old.group, old.key) if body_patch is None else body_has_error(body),
                 )
             )
         self._commit(doomed, specs, BULK_SET)
@@ -325,12 +325,14 @@ class Store:
         new_ids = self._commit(doomed, specs, OWN)
         return [tasks[i] for i in new_ids]
 
-    def restore_all(self, tasks: Iterable[StoredTask]) -> None:
+    def restore_all(self, tasks: Iterable[StoredTask], *, errors: Container[int] | None = None) -> None:
         """Insert many tasks with their own IDs (recovery), IDs in increasing order.
 
         Each group index is built with one sort instead of one insertion per
         task: O(n log n) overall, several times faster than inserting one by
-        one. On error the tasks before the bad one are in.
+        one. On error the tasks before the bad one are in. ``errors`` holds
+        the IDs of the tasks with an error when known (a snapshot stores
+        them); otherwise each body is looked at.
         """
         tasks_by_id = self._tasks
         keys: dict[str, list[int]] = {}
@@ -349,7 +351,8 @@ class Store:
                 group_keys.append(task.key)
                 if task.labels:
                     self._index_labels(task_id, task.labels)
-                if body_has_error(task.body):
+                # Most bodies have no "2" byte at all (0x32 is the error's tag): skip the call.
+                if task_id in errors if errors is not None else b"2" in task.body and body_has_error(task.body):
                     error_keys.setdefault(task.group, []).append(task.key)
         finally:
             self._next_id = next_id

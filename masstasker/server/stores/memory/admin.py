@@ -10,13 +10,13 @@ O(log n + page + scan bound) even over a million tasks.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 
 from sortedcontainers import SortedList
 
 from masstasker.server.stats import GroupStats, HistoryRequest, TaskPage, TaskState
-from masstasker.server.store import BadRequest, NotFound, Store, StoredTask, key_of
-from masstasker.server.store_stats import GroupRecord
+from masstasker.server.stores.memory.stats import GroupRecord
+from masstasker.server.stores.memory.store import BadRequest, NotFound, Store, StoredTask, key_of
 
 __all__ = ["MAX_SCAN_PER_PAGE", "MemoryAdminView", "page_token_for", "parse_page_token"]
 
@@ -42,16 +42,26 @@ def parse_page_token(token: str) -> int | None:
 class MemoryAdminView:
     """:class:`~masstasker.server.stats.AdminView` over a :class:`Store`; run on the store's event loop."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, *, durable: Callable[[], Awaitable[None]] | None = None) -> None:
         self._store = store
+        # With a data directory, an answer waits until what it reveals is durable, as every answer does.
+        self._durable = durable
 
-    async def group_stats(self, now: int, history: HistoryRequest | None = None) -> list[GroupStats]:
+    async def group_stats(
+        self, now: int, history: HistoryRequest | None = None, *, wait_durable: bool = True
+    ) -> list[GroupStats]:
         """Every group with tasks or counters, sorted by name. O(groups x log n)."""
-        return self.all_stats(now, history)
+        result = self.all_stats(now, history)
+        if self._durable is not None and wait_durable:
+            await self._durable()
+        return result
 
     async def one_group_stats(self, group: str, now: int, history: HistoryRequest | None = None) -> GroupStats:
         """One group's statistics; zeros for a group never seen. O(log n + history points)."""
-        return self.stats(group, now, history)
+        result = self.stats(group, now, history)
+        if self._durable is not None:
+            await self._durable()
+        return result
 
     def all_stats(self, now: int, history: HistoryRequest | None = None) -> list[GroupStats]:
         """:meth:`group_stats`, synchronously."""
@@ -103,7 +113,10 @@ class MemoryAdminView:
         page_size: int,
     ) -> TaskPage:
         """A page of the group's tasks in queue order after ``page_token``; see the module docstring."""
-        return self.page(group, now, state=state, labels=labels, page_token=page_token, page_size=page_size)
+        result = self.page(group, now, state=state, labels=labels, page_token=page_token, page_size=page_size)
+        if self._durable is not None:
+            await self._durable()
+        return result
 
     def page(
         self,
@@ -191,7 +204,11 @@ class MemoryAdminView:
 
     async def get_task(self, task_id: int, now: int) -> tuple[StoredTask, TaskState]:
         """The task and its state; NotFound if it does not exist."""
-        return self.task(task_id, now)
+        try:
+            return self.task(task_id, now)
+        finally:  # a NOT_FOUND reveals a delete too
+            if self._durable is not None:
+                await self._durable()
 
     def task(self, task_id: int, now: int) -> tuple[StoredTask, TaskState]:
         """:meth:`get_task`, synchronously."""

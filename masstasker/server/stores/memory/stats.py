@@ -41,7 +41,7 @@ from sortedcontainers import SortedList
 from masstasker.server.counters import CounterHistory
 
 if TYPE_CHECKING:
-    from masstasker.server.store import StoredTask as _Task
+    from masstasker.server.stores.memory.store import StoredTask as _Task
 
 __all__ = ["BULK_SET", "OWN", "UPDATE", "GroupRecord", "StoreStatistics", "body_has_error"]
 
