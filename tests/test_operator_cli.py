@@ -28,6 +28,8 @@ pytest.importorskip("rich")
 
 HAS_ATTEMPTS = "attempts" in pb.Task.DESCRIPTOR.fields_by_name
 TEST_TYPE = "type.googleapis.com/masstasker.Test"
+# Each command is a fresh Python process: generous on a loaded machine.
+pytestmark = pytest.mark.timeout(240)
 
 
 def _env(extra: dict[str, str] | None = None) -> dict[str, str]:
