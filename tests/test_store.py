@@ -9,6 +9,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from masstasker._pb import masstasker_pb2 as pb
 from masstasker.server.body import dead_letter_message
+from masstasker.server.stores.memory.stats import body_has_error
 from masstasker.server.stores.memory.store import (
     BadRequest,
     DeadLetter,
@@ -46,7 +47,8 @@ def store() -> Store:
 
 
 def spec(group: str = "g", not_before: int | None = None, body: bytes = b"", **labels: str) -> TaskSpec:
-    return TaskSpec(group, not_before, body, tuple(sorted(labels.items())) or None)
+    # The error flag as the converter would set it: the statistics' error index relies on it.
+    return TaskSpec(group, not_before, body, tuple(sorted(labels.items())) or None, body_has_error(body))
 
 
 def test_ids_start_at_one_and_increase_in_request_order(store: Store) -> None:
@@ -320,7 +322,8 @@ class StoreAgainstModel(RuleBasedStateMachine):
             for _ in range(n)
         ]
         specs = [
-            TaskSpec(g, nb, make_body(a, e), tuple(sorted(labels.items())) or None) for g, nb, a, e, labels in created
+            TaskSpec(g, nb, make_body(a, e), tuple(sorted(labels.items())) or None, e != "")
+            for g, nb, a, e, labels in created
         ]
         deleted = [data.draw(self.ref_strategy()) for _ in range(n_del)]
         preds = [data.draw(st.integers(1, self.model.next_id)) for _ in range(n_pred)]

@@ -26,10 +26,13 @@ from grpc_health.v1._async import HealthServicer  # what health.aio re-exports; 
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
+from masstasker.server.admin import ADMIN_SERVICE_NAME, AdminService
 from masstasker.server.admission import WaitingAdmission
 from masstasker.server.auth import TokenInterceptor, TokenSet
 from masstasker.server.config import Settings, check_security, check_store, dial_host, format_address, parse_address
-from masstasker.server.metrics import GroupStats, RpcMetrics, StoreCollector
+from masstasker.server.dashboard import Calls, Dashboard
+from masstasker.server.limits import Limits
+from masstasker.server.metrics import RpcMetrics, StoreCollector, StoreReading
 from masstasker.server.metrics_http import start_metrics_http
 from masstasker.server.service import SERVICE_NAME, MassTaskerService
 from masstasker.server.stores import open_store
@@ -64,6 +67,7 @@ class Server:
         tokens: TokenSet | None,
         tls: ServerTls | None,
         http: WSGIServer | None,
+        dashboard: Dashboard | None = None,
     ) -> None:
         self.store = store
         self.waiters = store.waiters
@@ -78,6 +82,7 @@ class Server:
         self._grpc = grpc_server
         self._health = health
         self._http = http
+        self.dashboard = dashboard  # the web dashboard on the HTTP listener, unless --dashboard off
         self._stopped = False
         self._store_watch: asyncio.Task[str] | None = None
         self.failure: str | None = None  # why the store failed for good, once it has
@@ -97,6 +102,8 @@ class Server:
         await self._health.enter_graceful_shutdown()
         self.store.release_waiters()
         await self._grpc.stop(self.settings.shutdown_grace if grace is None else grace)
+        if self.dashboard is not None:
+            self.dashboard.close()  # ends its live streams, which would hold the listener's threads
         if self._http is not None:
             self._http.shutdown()
             self._http.server_close()
@@ -161,10 +168,12 @@ class Server:
         await self._grpc.wait_for_termination()
 
 
-def _group_stats(
-    store: TaskStore, clock: Callable[[], int]
-) -> Callable[[], Coroutine[Any, Any, tuple[GroupStats, int, int]]]:
-    async def read() -> tuple[GroupStats, int, int]:
+def _group_stats(store: TaskStore, clock: Callable[[], int]) -> Callable[[], Coroutine[Any, Any, StoreReading]]:
+    async def read() -> StoreReading:
+        if store.admin is not None:  # every statistic, from the store's incremental state
+            # No wait for durability: metrics must go on working after it is lost.
+            groups = await store.admin.group_stats(clock(), wait_durable=False)
+            return groups, store.waiters.count, await store.size()
         stats, total = await store.group_stats(clock())
         return stats, store.waiters.count, total
 
@@ -172,9 +181,12 @@ def _group_stats(
 
 
 def _grpc_server(
-    settings: Settings, service: MassTaskerService, admission: WaitingAdmission, tokens: TokenSet | None
+    settings: Settings,
+    services: tuple[MassTaskerService, AdminService],
+    admission: WaitingAdmission,
+    tokens: TokenSet | None,
 ) -> tuple[grpc.aio.Server, HealthServicer]:
-    """The gRPC server with our service, health and reflection registered; not bound yet."""
+    """The gRPC server with our services, health and reflection registered; not bound yet."""
     server = grpc.aio.server(
         # No interceptor at all without tokens: it would cost every call.
         interceptors=[TokenInterceptor(tokens)] if tokens is not None else None,
@@ -186,10 +198,12 @@ def _grpc_server(
             *admission.grpc_options(),
         ],
     )
-    server.add_generic_rpc_handlers((service.handler(),))
+    server.add_generic_rpc_handlers(tuple(service.handler() for service in services))
     health_servicer = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, ADMIN_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
     return server, health_servicer
 
 
@@ -213,14 +227,27 @@ async def _bootstrap(settings: Settings, store: TaskStore) -> None:
         log.info("created the bootstrap task in group %r", group)
 
 
+def _dashboard(
+    settings: Settings, services: tuple[MassTaskerService, AdminService], tokens: TokenSet | None
+) -> Dashboard | None:
+    """The dashboard, calling the same handlers as the gRPC server in-process, unless it is off."""
+    if not settings.listen_http or settings.dashboard == "off":
+        return None
+    calls = Calls(asyncio.get_running_loop(), tuple(service.handler() for service in services))
+    read_tokens = tokens if settings.metrics_auth else None
+    return Dashboard(calls, mode=settings.dashboard, tokens=tokens, read_tokens=read_tokens)
+
+
 def _serve_metrics(
     settings: Settings,
     registry: CollectorRegistry,
-    group_stats: Callable[[], Coroutine[Any, Any, tuple[GroupStats, int, int]]],
+    group_stats: Callable[[], Coroutine[Any, Any, StoreReading]],
     tokens: TokenSet | None,
     cleanup: AsyncExitStack,
+    dashboard: Dashboard | None,
 ) -> WSGIServer | None:
-    """With ``--listen-http``: serve /metrics (behind the token with ``--metrics-auth``) from a thread.
+    """With ``--listen-http``: serve /metrics (behind the token with ``--metrics-auth``) from a thread,
+    and the dashboard at every other path.
 
     The per-group gauges are registered only then: nobody else reads them.
     """
@@ -229,11 +256,13 @@ def _serve_metrics(
     registry.register(StoreCollector(asyncio.get_running_loop(), group_stats))
     host, port = parse_address(settings.listen_http)
     try:
-        http = start_metrics_http(host, port, registry, tokens if settings.metrics_auth else None)
+        http = start_metrics_http(host, port, registry, tokens if settings.metrics_auth else None, dashboard=dashboard)
     except OSError as exc:
         raise OSError(f"cannot serve metrics on {settings.listen_http}: {exc}") from exc
     cleanup.callback(http.server_close)
     cleanup.callback(http.shutdown)
+    if dashboard is not None:
+        cleanup.callback(dashboard.close)
     log.info("metrics on http://%s/metrics", format_address(host, http.server_port))
     return http
 
@@ -258,13 +287,16 @@ async def start(settings: Settings, *, clock: Callable[[], int] = time.time_ns) 
         admission = WaitingAdmission(settings)
         registry = CollectorRegistry(auto_describe=False)
         store.register_metrics(registry)
-        service = MassTaskerService(store, admission, settings, RpcMetrics(registry), clock=clock)
-        grpc_server, health_servicer = _grpc_server(settings, service, admission, tokens)
+        metrics = RpcMetrics(registry)
+        service = MassTaskerService(store, admission, settings, metrics, clock=clock)
+        admin = AdminService(store.admin, Limits(settings), metrics, clock=clock, store_name=store.name)
+        grpc_server, health_servicer = _grpc_server(settings, (service, admin), admission, tokens)
         host, port = _bind(grpc_server, settings.rpc_address, credentials)
         await _bootstrap(settings, store)
         await grpc_server.start()
         cleanup.push_async_callback(grpc_server.stop, None)
-        http = _serve_metrics(settings, registry, _group_stats(store, clock), tokens, cleanup)
+        dashboard = _dashboard(settings, (service, admin), tokens)
+        http = _serve_metrics(settings, registry, _group_stats(store, clock), tokens, cleanup, dashboard)
         server = Server(
             grpc_server=grpc_server,
             health=health_servicer,
@@ -277,6 +309,7 @@ async def start(settings: Settings, *, clock: Callable[[], int] = time.time_ns) 
             tokens=tokens,
             tls=tls,
             http=http,
+            dashboard=dashboard,
         )
         await health_servicer.set("", _SERVING)
         await health_servicer.set(SERVICE_NAME, _SERVING)

@@ -47,6 +47,7 @@ DEFAULT_MAX_WAITING_PER_CONNECTION = 1_000
 DEFAULT_STORE_SCHEMA = "masstasker"
 DEFAULT_STORE_POOL_SIZE = 10
 MEMORY_STORES = ("", "memory")
+DASHBOARD_MODES = ("read-only", "read-write", "off")
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +88,7 @@ class Settings:
     store_schema: str = DEFAULT_STORE_SCHEMA
     store_pool_size: int = DEFAULT_STORE_POOL_SIZE
     store_poll_only: bool = False  # no LISTEN/NOTIFY: for poolers in transaction mode (PgBouncer)
+    dashboard: str = "read-only"  # one of DASHBOARD_MODES: the web dashboard on the HTTP listener
 
     @property
     def rpc_address(self) -> str:
@@ -168,6 +170,12 @@ def _build_parser(version: str) -> argparse.ArgumentParser:
         help="snapshot once the log exceeds this and twice the state's size",
     )
     _add_store_flags(parser, defaults)
+    add(
+        "--dashboard",
+        default=defaults.dashboard,
+        choices=DASHBOARD_MODES,
+        help="web dashboard at / on --listen-http: actions (retry, move, delete) need read-write (default %(default)s)",
+    )
     _add_security_flags(parser, defaults)
     add("--version", action="version", version=f"%(prog)s {version}")
     return parser

@@ -109,7 +109,8 @@ def spec_from_pb(task: pb.Task) -> TaskSpec:
     task.ClearField("id")
     task.ClearField("group")
     # labels_tuple() is called only for tasks that have labels: most have none, and this runs per task.
-    return _new_spec(TaskSpec, (group, not_before, body_of(task), labels_tuple(labels) if labels else None))
+    error = task.error != ""  # before body_of() consumes the task
+    return _new_spec(TaskSpec, (group, not_before, body_of(task), labels_tuple(labels) if labels else None, error))
 
 
 def body_of(task: pb.Task) -> bytes:

@@ -1,24 +1,44 @@
-"""Prometheus metrics: RPC counts and latency, and per-group gauges computed at scrape time.
+"""Prometheus metrics: RPC counts and latency, and per-group statistics computed at scrape time.
 
 Each server has its own registry, so several servers can live in one
-process (tests). Per-group gauges are read on the server's event loop when
-Prometheus scrapes, never on the RPC path.
+process (tests). Per-group statistics are read on the server's event loop
+when Prometheus scrapes, never on the RPC path, from the store's
+incremental state (:class:`~masstasker.server.stats.GroupStats`): a scrape
+costs O(groups x log n), never a scan of the tasks.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-__all__ = ["GroupStats", "RpcMetrics", "StoreCollector"]
+from masstasker.server.stats import GroupStats
 
-#: group -> (tasks, visible now)
-GroupStats = dict[str, tuple[int, int]]
+__all__ = ["GROUP_METRICS", "RpcMetrics", "StoreCollector", "StoreReading"]
+
+#: What a scrape reads: every group's statistics (or, from a store that keeps none, each
+#: group's (size, visible) only), the waiting Queries, the tasks in the store.
+StoreReading = tuple[Sequence[GroupStats] | dict[str, tuple[int, int]], int, int]
+
+#: The per-group metrics, as exposed (counters with their ``_total``), with their help text.
+GROUP_METRICS = {
+    "masstasker_num_tasks": "Tasks in each group",
+    "masstasker_visible_tasks": "Tasks in each group that a Query could get now",
+    "masstasker_leased_tasks": "Tasks in each group owned by a Query whose lease has not expired",
+    "masstasker_scheduled_tasks": "Tasks in each group waiting for a later not_before, not leased",
+    "masstasker_error_tasks": "Tasks in each group with a non-empty error",
+    "masstasker_oldest_visible_age_seconds": "Age of the oldest visible task of each group (0: none)",
+    "masstasker_eta_seconds": "Seconds until each group is empty at its smoothed departure rate (absent: unknown)",
+    "masstasker_created_total": "Tasks created into each group (including moved in)",
+    "masstasker_owned_total": "Tasks owned from each group by a Query",
+    "masstasker_departed_total": "Tasks that left each group (deleted or moved out)",
+}
+_NANOS = 1e9
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 _SCRAPE_TIMEOUT = 10.0
@@ -57,25 +77,51 @@ class RpcMetrics:
         return observe
 
 
-class StoreCollector(Collector):
-    """Gauges read from the store on its event loop when scraped (``read`` is a coroutine function)."""
+def _gauge(name: str) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, GROUP_METRICS[name], labels=["group"])
 
-    def __init__(
-        self, loop: asyncio.AbstractEventLoop, read: Callable[[], Coroutine[Any, Any, tuple[GroupStats, int, int]]]
-    ) -> None:
+
+def _counter(name: str) -> CounterMetricFamily:
+    return CounterMetricFamily(name.removesuffix("_total"), GROUP_METRICS[name], labels=["group"])
+
+
+class StoreCollector(Collector):
+    """Per-group statistics read from the store on its event loop when scraped."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, read: Callable[[], Coroutine[Any, Any, StoreReading]]) -> None:
         self._loop = loop
         self._read = read
 
     def collect(self) -> Iterator[Any]:
         groups, waiting, total = asyncio.run_coroutine_threadsafe(self._read(), self._loop).result(_SCRAPE_TIMEOUT)
-        num = GaugeMetricFamily("masstasker_num_tasks", "Tasks in each group", labels=["group"])
-        visible = GaugeMetricFamily(
-            "masstasker_visible_tasks", "Tasks in each group that a Query could get now", labels=["group"]
-        )
+        yield GaugeMetricFamily("masstasker_tasks", "Tasks in the store", value=total)
+        yield GaugeMetricFamily("masstasker_waiting_queries", "Queries waiting for a task", value=waiting)
+        if isinstance(groups, dict):
+            yield from self._sizes_only(groups)
+            return
+        num, visible, leased, scheduled, errors, age, eta = (_gauge(name) for name in list(GROUP_METRICS)[:7])
+        created, owned, departed = (_counter(name) for name in list(GROUP_METRICS)[7:])
+        for stats in groups:
+            labels = [stats.group]
+            num.add_metric(labels, stats.total)
+            visible.add_metric(labels, stats.visible)
+            leased.add_metric(labels, stats.leased)
+            scheduled.add_metric(labels, stats.scheduled)
+            errors.add_metric(labels, stats.errors)
+            age.add_metric(labels, (stats.oldest_visible_age or 0) / _NANOS)
+            remaining = stats.eta
+            if remaining is not None:
+                eta.add_metric(labels, remaining / _NANOS)
+            created.add_metric(labels, stats.created)
+            owned.add_metric(labels, stats.owned)
+            departed.add_metric(labels, stats.departed)
+        yield from (num, visible, leased, scheduled, errors, age, eta, created, owned, departed)
+
+    @staticmethod
+    def _sizes_only(groups: dict[str, tuple[int, int]]) -> Iterator[Any]:
+        num, visible = _gauge("masstasker_num_tasks"), _gauge("masstasker_visible_tasks")
         for group, (size, seen) in sorted(groups.items()):
             num.add_metric([group], size)
             visible.add_metric([group], seen)
         yield num
         yield visible
-        yield GaugeMetricFamily("masstasker_tasks", "Tasks in the store", value=total)
-        yield GaugeMetricFamily("masstasker_waiting_queries", "Queries waiting for a task", value=waiting)

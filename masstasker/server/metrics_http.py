@@ -1,4 +1,4 @@
-"""The /metrics HTTP listener, optionally behind the gRPC port's bearer tokens.
+"""The HTTP listener: /metrics, optionally behind the gRPC port's bearer tokens, and the dashboard.
 
 prometheus_client's own ``start_http_server`` has no hook for authentication,
 so this is the same thing (its WSGI app on a threading wsgiref server) with a
@@ -53,14 +53,30 @@ def _guard(app: WsgiApp, tokens: TokenSet) -> WsgiApp:
     return guarded
 
 
-def start_metrics_http(host: str, port: int, registry: CollectorRegistry, tokens: TokenSet | None) -> WSGIServer:
+def _beside(metrics: WsgiApp, other: WsgiApp) -> WsgiApp:
+    """``/metrics`` to Prometheus, every other path to ``other`` (the dashboard)."""
+
+    def route(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        app = metrics if environ.get("PATH_INFO") == "/metrics" else other
+        return app(environ, start_response)
+
+    return route
+
+
+def start_metrics_http(
+    host: str, port: int, registry: CollectorRegistry, tokens: TokenSet | None, *, dashboard: WsgiApp | None = None
+) -> WSGIServer:
     """Serve ``registry`` on ``host:port`` from a daemon thread; with ``tokens``, only to bearers of one.
+    With ``dashboard``, ``/metrics`` is Prometheus's and every other path the dashboard's (which guards
+    itself); without, every path answers metrics, as before.
 
     Stop it with ``shutdown()`` then ``server_close()``.
     """
     app: WsgiApp = make_wsgi_app(registry)
     if tokens is not None:
         app = _guard(app, tokens)
+    if dashboard is not None:
+        app = _beside(app, dashboard)
     family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
     server_class = type("MetricsServer", (_ThreadingServer,), {"address_family": family})
     httpd: WSGIServer = make_server(host, port, app, server_class, handler_class=_QuietHandler)

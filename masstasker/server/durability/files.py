@@ -32,12 +32,16 @@ __all__ = [
     "lock_directory",
     "numbered_files",
     "read_segment_base",
+    "read_segment_header",
     "segment_path",
     "write_all",
 ]
 
 LOCK_NAME = "LOCK"
-SEGMENT_MAGIC = b"MTWAL\x00\x01\n"
+#: The magic of the segments this server writes: version 2 (change records with kind and time).
+SEGMENT_MAGIC = b"MTWAL\x00\x02\n"
+#: Segment magics by change-record version; older versions are still read.
+SEGMENT_VERSIONS = {b"MTWAL\x00\x01\n": 1, SEGMENT_MAGIC: 2}
 _BASE = struct.Struct("<Q")
 SEGMENT_HEADER_SIZE = len(SEGMENT_MAGIC) + len(frame(_BASE.pack(0)))
 _SEGMENT_NAME = re.compile(r"wal-(\d{20})\.log")
@@ -148,7 +152,13 @@ def create_segment(directory: Path, base: int) -> int:
 
 def read_segment_base(data: bytes, path: Path) -> int:
     """The base recorded in a segment header; CorruptFile if it is damaged."""
-    if data[: len(SEGMENT_MAGIC)] != SEGMENT_MAGIC:
+    return read_segment_header(data, path)[0]
+
+
+def read_segment_header(data: bytes, path: Path) -> tuple[int, int]:
+    """``(base, change-record version)`` from a segment header; CorruptFile if it is damaged."""
+    version = SEGMENT_VERSIONS.get(data[: len(SEGMENT_MAGIC)])
+    if version is None:
         raise CorruptFile(str(path), 0, "not a MassTasker log segment (bad magic)")
     try:
         length, _ = parse_frame_header(data[len(SEGMENT_MAGIC) : len(SEGMENT_MAGIC) + FRAME_HEADER_SIZE])
@@ -160,7 +170,7 @@ def read_segment_base(data: bytes, path: Path) -> int:
     except BadFrame as exc:
         raise CorruptFile(str(path), len(SEGMENT_MAGIC), str(exc)) from None
     (base,) = _BASE.unpack(body)
-    return int(base)
+    return int(base), version
 
 
 # -- reading frames --------------------------------------------------------------------------------------------

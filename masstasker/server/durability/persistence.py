@@ -39,6 +39,7 @@ from masstasker.server.durability.metrics import DurabilityMetrics
 from masstasker.server.durability.records import encode_change
 from masstasker.server.durability.recovery import Recovered, recover
 from masstasker.server.durability.snapshot import list_snapshots, write_snapshot
+from masstasker.server.durability.statistics import encode_statistics
 from masstasker.server.durability.writer import DurabilityLost, LogWriter
 from masstasker.server.stores.memory.store import Store, StoredTask
 
@@ -192,7 +193,8 @@ class Persistence:
 
     def _on_change(self, removed: list[int], created: list[StoredTask]) -> None:
         wal = self._wal
-        record = encode_change(wal.seq + 1, removed, created)
+        stats = self._store.stats  # the commit's kind and time, so recovery counts it as it was counted
+        record = encode_change(wal.seq + 1, removed, created, stats.last_kind, stats.last_time)
         wal.append(record)
         self._log_bytes += len(record)
         if (
@@ -232,6 +234,7 @@ class Persistence:
             # everything after this point.
             started = time.perf_counter()
             tasks = store.all_tasks()
+            statistics = encode_statistics(store.stats)
             seq, next_id = wal.seq, store.next_id
             # A segment with no record yet needs no successor (and must not be recreated under its own name).
             rotated = wal.rotate(seq) if seq != self._segment_base else None
@@ -239,7 +242,9 @@ class Persistence:
             log_bytes, self._log_bytes, self._check_at = self._log_bytes, 0, 0
             captured = time.perf_counter()
             try:
-                size = await loop.run_in_executor(self._executor, write_snapshot, self.directory, seq, next_id, tasks)
+                size = await loop.run_in_executor(
+                    self._executor, write_snapshot, self.directory, seq, next_id, tasks, statistics
+                )
                 if rotated is not None:
                     await rotated
             except (OSError, DurabilityLost) as exc:

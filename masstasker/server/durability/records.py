@@ -18,9 +18,16 @@ A task is encoded as::
     | u32 len(body) | u32 label pairs | group | body | (u32 len, key, u32 len, value)*
 
 ``not_before`` is split because nanoseconds up to the year 9999 do not fit
-in 64 bits. A change record (one per committed store change) is::
+in 64 bits. A change record (one per committed store change) is, in a
+version-2 log segment::
 
-    u64 seq | u32 removed | u32 created | removed IDs as u64 | created tasks
+    u64 seq | u32 removed | u32 created | u8 kind | i64 time | removed IDs as u64 | created tasks
+
+``kind`` says which operation committed it (0 Update, 1 owning Query, 2
+BulkSet) and ``time`` is the store's clock then (ns): recovery counts the
+group statistics from them exactly as the live server did. Version-1
+segments (before statistics) lack both fields; they are still read, as
+Updates without a time.
 
 All integers are little-endian.
 """
@@ -30,12 +37,16 @@ from __future__ import annotations
 import struct
 import zlib
 from collections.abc import Iterable, Sequence
+from typing import NamedTuple
 
+from masstasker.server.stores.memory.stats import UPDATE
 from masstasker.server.stores.memory.store import NANOS_PER_SECOND, StoredTask
 
 __all__ = [
+    "CHANGE_VERSION",
     "FRAME_HEADER_SIZE",
     "BadFrame",
+    "Change",
     "check_payload",
     "decode_change",
     "decode_tasks",
@@ -48,7 +59,11 @@ __all__ = [
 _FRAME = struct.Struct("<III")
 _LENGTH_CRC = struct.Struct("<II")
 FRAME_HEADER_SIZE = _FRAME.size
-_CHANGE = struct.Struct("<QII")
+_CHANGE_V1 = struct.Struct("<QII")
+_CHANGE = struct.Struct("<QIIBq")
+#: The change-record layout new log segments are written in.
+CHANGE_VERSION = 2
+_KINDS = 3
 _TASK = struct.Struct("<QqIIII")
 _U32 = struct.Struct("<I")
 
@@ -107,9 +122,31 @@ def encode_tasks(tasks: Iterable[StoredTask]) -> bytes:
     return b"".join(out)
 
 
-def encode_change(seq: int, removed: Sequence[int], created: Sequence[StoredTask]) -> bytes:
-    """One framed change record: the IDs removed and the tasks created by one commit."""
-    out = [_CHANGE.pack(seq, len(removed), len(created))]
+class Change(NamedTuple):
+    """A decoded change record; ``time`` is None in a version-1 record."""
+
+    seq: int
+    removed: tuple[int, ...]
+    created: list[StoredTask]
+    kind: int
+    time: int | None
+
+
+def encode_change(
+    seq: int, removed: Sequence[int], created: Sequence[StoredTask], kind: int = UPDATE, time: int = 0
+) -> bytes:
+    """One framed change record: the IDs removed and the tasks created by one commit, its kind and time."""
+    out = [_CHANGE.pack(seq, len(removed), len(created), kind, time)]
+    if removed:
+        out.append(struct.pack(f"<{len(removed)}Q", *removed))
+    for task in created:
+        _encode_task(out, task)
+    return frame(b"".join(out))
+
+
+def encode_change_v1(seq: int, removed: Sequence[int], created: Sequence[StoredTask]) -> bytes:
+    """A record as servers before statistics wrote them (tests of old logs use it)."""
+    out = [_CHANGE_V1.pack(seq, len(removed), len(created))]
     if removed:
         out.append(struct.pack(f"<{len(removed)}Q", *removed))
     for task in created:
@@ -172,15 +209,21 @@ def decode_tasks(data: bytes) -> list[StoredTask]:
     return tasks
 
 
-def decode_change(payload: bytes) -> tuple[int, tuple[int, ...], list[StoredTask]]:
-    """``(seq, removed IDs, created tasks)`` from a change record's payload."""
+def decode_change(payload: bytes, version: int = CHANGE_VERSION) -> Change:
+    """A change record's payload, in the layout of the segment's ``version``."""
     try:
-        seq, n_removed, n_created = _CHANGE.unpack_from(payload, 0)
-        pos = _CHANGE.size
+        if version == 1:
+            seq, n_removed, n_created = _CHANGE_V1.unpack_from(payload, 0)
+            kind, time, pos = UPDATE, None, _CHANGE_V1.size
+        else:
+            seq, n_removed, n_created, kind, time = _CHANGE.unpack_from(payload, 0)
+            pos = _CHANGE.size
+            if kind >= _KINDS:
+                raise BadFrame(f"change record {seq}: unknown kind {kind}")
         removed = struct.unpack_from(f"<{n_removed}Q", payload, pos)
         pos += 8 * n_removed
         created, pos = _decode_tasks(payload, pos, n_created)
     except (struct.error, UnicodeDecodeError) as exc:
         raise BadFrame(f"malformed change record: {exc}") from None
     _check_end("change record", pos, len(payload))
-    return seq, removed, created
+    return Change(seq, removed, created, kind, time)

@@ -19,11 +19,20 @@ from masstasker.server.durability.files import (
     PersistenceError,
     fsync_dir,
     list_segments,
-    read_segment_base,
+    read_segment_header,
 )
-from masstasker.server.durability.records import BadFrame, decode_change
+from masstasker.server.durability.records import BadFrame, Change, decode_change
 from masstasker.server.durability.snapshot import list_snapshots, load_snapshot
-from masstasker.server.stores.memory.store import MAX_ID, BadRequest, NotFound, Store, StoredTask, StoreError
+from masstasker.server.stores.memory.stats import OWN
+from masstasker.server.stores.memory.store import (
+    MAX_ID,
+    NANOS_PER_SECOND,
+    BadRequest,
+    NotFound,
+    Store,
+    StoredTask,
+    StoreError,
+)
 
 __all__ = ["Recovered", "recover"]
 
@@ -54,26 +63,45 @@ class _Replay:
     with one sort per group makes replay several times faster than applying
     each record, with the same checks: every removed ID exists at that
     point, created IDs only grow.
+
+    The group statistics are counted record by record as the live server
+    counted them (the record's kind and time say how), starting from the
+    snapshot's; ``leased`` follows which IDs carry a lease, and the lease and
+    error indices are rebuilt at the end.
     """
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, leased: set[int] | None) -> None:
         self.store = store
         self.created: dict[int, StoredTask] = {}  # by ID, in ID order
         self.removed: set[int] = set()  # tasks of the store (the snapshot) that are gone
         self.next_id = store.next_id
+        self.leased = leased if leased is not None else set()
+        # Without statistics in a snapshot, the counters begin with the first record that has a time.
+        self._stats_loaded = leased is not None
 
-    def apply(self, removed: tuple[int, ...], created: list[StoredTask]) -> None:
+    def apply(self, change: Change) -> None:
         """Account for one record; StoreError if it cannot apply to the state so far."""
-        for task_id in removed:
-            if self.created.pop(task_id, None) is None:
-                if task_id in self.removed or task_id not in self.store:
+        removed: list[StoredTask] = []
+        for task_id in change.removed:
+            task = self.created.pop(task_id, None)
+            if task is None:
+                task = self.store.get(task_id)
+                if task is None or task_id in self.removed:
                     raise NotFound(f"task {task_id} does not exist")
                 self.removed.add(task_id)
-        for task in created:
+            removed.append(task)
+        for task in change.created:
             if not self.next_id <= task.id <= MAX_ID:
                 raise BadRequest(f"task {task.id} is not above the ID counter {self.next_id}")
             self.next_id = task.id + 1
             self.created[task.id] = task
+        if change.kind == OWN and (len(removed) != len(change.created) or not removed):
+            raise BadRequest(f"an owning Query record with {len(removed)} removed and {len(change.created)} created")
+        stats = self.store.stats
+        if not self._stats_loaded and change.time is not None:
+            stats.load(min(stats.since, change.time), change.time // NANOS_PER_SECOND)
+            self._stats_loaded = True
+        stats.replayed(change.kind, change.time, removed, change.created, self.leased)
 
     def finish(self) -> None:
         """Apply everything to the store."""
@@ -81,6 +109,7 @@ class _Replay:
             self.store.restore_removal(task_id)
         self.store.restore_all(self.created.values())
         self.store.set_next_id(self.next_id)
+        self.store.stats.recovered(self.store.get, self.leased, self.store.group_size)
 
 
 def _replay_segment(path: Path, base: int, seq: int, replay: _Replay, *, last: bool) -> tuple[int, int, int]:
@@ -96,23 +125,25 @@ def _replay_segment(path: Path, base: int, seq: int, replay: _Replay, *, last: b
             path.unlink()
             fsync_dir(path.parent)
             return seq, 0, 0
-        if read_segment_base(header, path) != base:
+        header_base, version = read_segment_header(header, path)
+        if header_base != base:
             raise CorruptFile(name, 0, "the base in the header does not match the file name")
         reader = FrameReader(file, name, SEGMENT_HEADER_SIZE, size, tolerate_torn_tail=last)
         expected = base + 1
         applied = 0
         for offset, payload in reader:
             try:
-                record_seq, removed, created = decode_change(payload)
+                change = decode_change(payload, version)
             except BadFrame as exc:
                 raise CorruptFile(name, offset, str(exc)) from None
+            record_seq = change.seq
             if record_seq != expected:
                 raise CorruptFile(name, offset, f"record {record_seq} where record {expected} was expected")
             expected += 1
             if record_seq <= seq:
                 continue  # already in the snapshot
             try:
-                replay.apply(removed, created)
+                replay.apply(change)
             except StoreError as exc:
                 raise CorruptFile(name, offset, f"record {record_seq} does not apply to the state: {exc}") from None
             seq = record_seq
@@ -144,15 +175,16 @@ def recover(directory: Path, store: Store) -> Recovered:
     for leftover in directory.glob("snap-*.snap.tmp"):  # a snapshot cut short: never became valid
         leftover.unlink()
     seq = snapshot_seq = snapshot_bytes = 0
+    leased = None
     snapshots = list_snapshots(directory)
     if snapshots:
         snapshot_seq, path = snapshots[-1]
-        seq, snapshot_bytes = load_snapshot(path, store)
+        seq, snapshot_bytes, leased = load_snapshot(path, store)
         if seq != snapshot_seq:
             raise CorruptFile(str(path), 0, f"the header says record {seq}, the file name {snapshot_seq}")
     segments = list_segments(directory)
     records = log_bytes = 0
-    replay = _Replay(store)
+    replay = _Replay(store, leased)
     for i, (base, path) in enumerate(segments):
         last = i == len(segments) - 1
         if not last and segments[i + 1][0] <= seq:

@@ -1,8 +1,11 @@
 """Snapshots: the whole store in one file, written atomically.
 
 ``snap-<seq>.snap`` holds the state after log record ``seq``: an 8-byte
-magic, a header frame ``(seq, next_id, task count)``, then frames of up to
-:data:`CHUNK_TASKS` tasks in ID order (see :mod:`.records`). It is written
+magic, a header frame ``(seq, next_id, task count, statistics frames)``,
+the group statistics (:mod:`.statistics`), then frames of up to
+:data:`CHUNK_TASKS` tasks in ID order (see :mod:`.records`). Version-1
+snapshots (magic ``MTSNAP\x01\n``, before statistics) have a three-field
+header and no statistics; they are still read. It is written
 to ``.tmp``, fsynced, renamed into place and the directory fsynced, so a
 snapshot file either is complete or does not exist under its final name.
 """
@@ -18,13 +21,16 @@ from pathlib import Path
 
 from masstasker.server.durability.files import CorruptFile, FrameReader, fsync_dir, numbered_files
 from masstasker.server.durability.records import BadFrame, decode_tasks, encode_tasks, frame
+from masstasker.server.durability.statistics import apply_statistics, decode_statistics
 from masstasker.server.stores.memory.store import BadRequest, Store, StoredTask
 
 __all__ = ["CHUNK_TASKS", "list_snapshots", "load_snapshot", "snapshot_path", "write_snapshot"]
 
-SNAPSHOT_MAGIC = b"MTSNAP\x01\n"
+SNAPSHOT_MAGIC = b"MTSNAP\x02\n"
+_SNAPSHOT_MAGIC_V1 = b"MTSNAP\x01\n"
 CHUNK_TASKS = 1024
-_HEADER = struct.Struct("<QQQ")
+_HEADER = struct.Struct("<QQQI")
+_HEADER_V1 = struct.Struct("<QQQ")
 _SNAPSHOT_NAME = re.compile(r"snap-(\d{20})\.snap")
 
 
@@ -38,11 +44,15 @@ def list_snapshots(directory: Path) -> list[tuple[int, Path]]:
     return numbered_files(directory, _SNAPSHOT_NAME)
 
 
-def write_snapshot(directory: Path, seq: int, next_id: int, tasks: Sequence[StoredTask]) -> int:
+def write_snapshot(
+    directory: Path, seq: int, next_id: int, tasks: Sequence[StoredTask], statistics: Sequence[bytes] = ()
+) -> int:
     """Write the snapshot durably (temp file, fsync, rename, directory fsync); return its size.
 
     Runs in a worker thread. ``tasks`` is a list of references taken on the
     event loop; the tasks are immutable, so the store may change meanwhile.
+    ``statistics`` are the statistics section's payloads, encoded on the loop
+    at the same moment (:func:`~.statistics.encode_statistics`).
     Between chunks the thread yields the interpreter so the loop's pauses
     stay short.
     """
@@ -51,7 +61,9 @@ def write_snapshot(directory: Path, seq: int, next_id: int, tasks: Sequence[Stor
     try:
         with open(tmp, "wb") as out:
             out.write(SNAPSHOT_MAGIC)
-            out.write(frame(_HEADER.pack(seq, next_id, len(tasks))))
+            out.write(frame(_HEADER.pack(seq, next_id, len(tasks), len(statistics))))
+            for payload in statistics:
+                out.write(frame(payload))
             for start in range(0, len(tasks), CHUNK_TASKS):
                 out.write(frame(encode_tasks(tasks[start : start + CHUNK_TASKS])))
                 time.sleep(0)
@@ -66,23 +78,36 @@ def write_snapshot(directory: Path, seq: int, next_id: int, tasks: Sequence[Stor
     return size
 
 
-def load_snapshot(path: Path, store: Store) -> tuple[int, int]:
-    """Restore every task of the snapshot into an empty store; return ``(seq, file size)``.
+def load_snapshot(path: Path, store: Store) -> tuple[int, int, set[int] | None]:
+    """Restore every task and the statistics of the snapshot into an empty store.
 
-    Raises :class:`CorruptFile` naming the offset of the first bad frame;
-    the store is then partly filled and must be discarded.
+    Returns ``(seq, file size, IDs carrying a lease)``; the IDs are None for
+    a version-1 snapshot, which has no statistics. Raises
+    :class:`CorruptFile` naming the offset of the first bad frame; the
+    store is then partly filled and must be discarded.
     """
     name = str(path)
     with open(path, "rb") as file:
         size = os.fstat(file.fileno()).st_size
-        if file.read(len(SNAPSHOT_MAGIC)) != SNAPSHOT_MAGIC:
+        magic = file.read(len(SNAPSHOT_MAGIC))
+        if magic not in (SNAPSHOT_MAGIC, _SNAPSHOT_MAGIC_V1):
             raise CorruptFile(name, 0, "not a MassTasker snapshot (bad magic)")
+        layout = _HEADER if magic == SNAPSHOT_MAGIC else _HEADER_V1
         frames = iter(FrameReader(file, name, len(SNAPSHOT_MAGIC), size, tolerate_torn_tail=False))
         header = next(frames, None)
-        if header is None or len(header[1]) != _HEADER.size:
+        if header is None or len(header[1]) != layout.size:
             raise CorruptFile(name, len(SNAPSHOT_MAGIC), "missing or malformed snapshot header")
-        seq, next_id, count = _HEADER.unpack(header[1])
+        seq, next_id, count, *rest = layout.unpack(header[1])
         offset = header[0]
+        statistics = None
+        if rest:
+            payloads = [payload for _, (_, payload) in zip(range(rest[0]), frames, strict=False)]
+            try:
+                if not payloads:
+                    raise BadFrame("the statistics are missing")
+                statistics = decode_statistics(payloads[0], payloads[1:])
+            except BadFrame as exc:
+                raise CorruptFile(name, offset, str(exc)) from None
 
         def tasks() -> Iterator[StoredTask]:
             nonlocal offset
@@ -91,10 +116,16 @@ def load_snapshot(path: Path, store: Store) -> tuple[int, int]:
                 yield from decode_tasks(payload)
 
         try:
-            store.restore_all(tasks())
+            store.restore_all(tasks(), errors=statistics.error_ids() if statistics is not None else None)
         except (BadFrame, BadRequest) as exc:
             raise CorruptFile(name, offset, str(exc)) from None
         if len(store) != count:
             raise CorruptFile(name, size, f"{len(store)} tasks where the header announces {count}")
         store.set_next_id(next_id)
-    return seq, size
+        leased = None
+        if statistics is not None:
+            try:
+                leased = apply_statistics(statistics, store.stats)
+            except BadFrame as exc:
+                raise CorruptFile(name, offset, str(exc)) from None
+    return seq, size, leased

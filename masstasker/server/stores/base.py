@@ -18,6 +18,7 @@ from typing import Protocol
 import grpc
 from prometheus_client import CollectorRegistry
 
+from masstasker.server.stats import AdminView
 from masstasker.server.stores.memory.store import (
     BadRequest,
     DeadLetter,
@@ -84,6 +85,11 @@ class TaskStore(Protocol):
 
     #: Names the store in messages (e.g. an UNAVAILABLE answer) and logs.
     name: str
+
+    @property
+    def admin(self) -> AdminView | None:
+        """Per-group statistics and listings for the admin API and the metrics; None if the store keeps none."""
+        ...
 
     @property
     def waiters(self) -> WaitingQueries:

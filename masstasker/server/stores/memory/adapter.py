@@ -19,6 +19,7 @@ from masstasker.server.config import Settings
 from masstasker.server.convert import check_timestamp_ns
 from masstasker.server.durability import Persistence
 from masstasker.server.stores.base import DeadLetter, GroupStats, Ref, StoredTask, TaskSpec
+from masstasker.server.stores.memory.admin import MemoryAdminView
 from masstasker.server.stores.memory.store import Store
 from masstasker.server.stores.memory.waiters import Waiters
 
@@ -39,6 +40,8 @@ class MemoryTaskStore:
         self._clock = clock
         # Without a data directory nothing is ever waited for: no check on the hot path at all.
         self._durable = persistence.sync if persistence is not None else None
+        #: The group statistics, from the store's own incremental bookkeeping.
+        self.admin = MemoryAdminView(store, durable=self._durable)
 
     @classmethod
     async def open(cls, settings: Settings, clock: Callable[[], int]) -> MemoryTaskStore:

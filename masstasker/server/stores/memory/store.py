@@ -13,13 +13,15 @@ operations that check everything first and only then mutate):
   One int per entry is smaller and compares faster than a tuple, and it
   orders exactly like ``(not_before, id)`` because ``0 <= id < 2**64``.
 - ``_labels``: ``(key, value) -> set of IDs``, for label selectors.
+- ``stats``: per-group counters, lease and error indices and history
+  (:mod:`store_stats`), told about every commit by ``_commit``.
 
 Times are integer nanoseconds since the Unix epoch throughout.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Container, Iterable, Iterator
 from dataclasses import dataclass
 from itertools import islice
 from typing import NamedTuple
@@ -28,6 +30,7 @@ from sortedcontainers import SortedList
 
 from masstasker.server import body as task_body
 from masstasker.server.body import attempts_of, owned_once_more, parked_body
+from masstasker.server.stores.memory.stats import BULK_SET, OWN, UPDATE, StoreStatistics, body_has_error
 
 __all__ = [
     "MAX_ID",
@@ -128,14 +131,17 @@ class TaskSpec(NamedTuple):
     """A task to create: the store assigns the ID.
 
     ``not_before`` None means "the store's now". ``labels`` and ``body`` as in
-    :class:`StoredTask`. A named tuple: the server makes one per created
-    task, and a tuple is the cheapest object to build.
+    :class:`StoredTask`. ``error`` says whether ``body`` has a non-empty
+    ``error`` (the converter knows; the store never parses bodies on the
+    request path). A named tuple: the server makes one per created task, and
+    a tuple is the cheapest object to build.
     """
 
     group: str
     not_before: int | None
     body: bytes = b""
     labels: tuple[tuple[str, str], ...] | None = None
+    error: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,6 +186,8 @@ class Store:
         self._groups: dict[str, SortedList] = {}
         self._labels: dict[tuple[str, str], set[int]] = {}
         self.listeners: list[ChangeListener] = []
+        #: Group statistics, kept by every commit.
+        self.stats = StoreStatistics(clock)
 
     # -- reading ---------------------------------------------------------
 
@@ -213,6 +221,14 @@ class Store:
     def task_at(self, group: str, position: int) -> StoredTask:
         """The task at this position of the group's ``(not_before, id)`` order. O(log n)."""
         return self._tasks[self._groups[group][position] & _ID_MASK]
+
+    def group_index(self, group: str) -> SortedList | None:
+        """The group's index keys in ``(not_before, id)`` order (read only), or None for an empty group."""
+        return self._groups.get(group)
+
+    def label_ids(self, pair: tuple[str, str]) -> set[int] | frozenset[int]:
+        """The IDs of the tasks carrying this label pair (read only). O(1)."""
+        return self._labels.get(pair) or frozenset()
 
     def groups(self) -> Iterator[tuple[str, int]]:
         """Every non-empty group with its size."""
@@ -272,17 +288,21 @@ class Store:
         doomed = self._resolve(refs)
         self._check_ids(len(doomed))
         specs = []
+        is_error = self.stats.is_error
         for task_id in doomed:
             old = self._tasks[task_id]
+            body = old.body if body_patch is None else body_patch(old.body)
             specs.append(
                 TaskSpec(
                     group=old.group if group is None else group,
                     not_before=old.not_before if not_before is None else not_before,
-                    body=old.body if body_patch is None else body_patch(old.body),
+                    body=body,
                     labels=old.labels if labels is None else (labels or None),
+                    # A patched body is read once here (BulkSet is rare); otherwise the error index says.
+                    error=is_error(old.group, old.key) if body_patch is None else body_has_error(body),
                 )
             )
-        self._commit(doomed, specs)
+        self._commit(doomed, specs, BULK_SET)
         return len(doomed)
 
     def query(
@@ -327,8 +347,12 @@ class Store:
             until = now + own_for
             doomed = [k & _ID_MASK for k in keys]
             once_more = owned_once_more
-            specs = [TaskSpec(group, until, once_more(tasks[i].body), tasks[i].labels) for i in doomed]
-            new_ids = self._commit(doomed, specs)
+            is_error = self.stats.is_error
+            specs = [
+                TaskSpec(group, until, once_more(tasks[i].body), tasks[i].labels, is_error(group, k))
+                for i, k in zip(doomed, keys, strict=True)
+            ]
+            new_ids = self._commit(doomed, specs, OWN)
             return [tasks[i] for i in new_ids]
         return self._own_or_park(index, group, now, own_for, wanted, limit, dead_letter)
 
@@ -346,6 +370,7 @@ class Store:
         tasks = self._tasks
         until = now + own_for
         max_attempts, dead_letter_group = dead_letter
+        is_error = self.stats.is_error
         doomed: list[int] = []
         specs: list[TaskSpec] = []
         owned: list[bool] = []
@@ -360,27 +385,30 @@ class Store:
             doomed.append(task_id)
             attempts = attempts_of(task.body)
             if attempts < max_attempts:
-                specs.append(TaskSpec(group, until, owned_once_more(task.body), task.labels))
+                specs.append(TaskSpec(group, until, owned_once_more(task.body), task.labels, is_error(group, key)))
                 owned.append(True)
                 count += 1
             else:
-                specs.append(TaskSpec(dead_letter_group, now, parked_body(task.body, attempts), task.labels))
+                specs.append(TaskSpec(dead_letter_group, now, parked_body(task.body, attempts), task.labels, True))
                 owned.append(False)
         if not doomed:
             return []
         self._check_ids(len(doomed))
-        new_ids = self._commit(doomed, specs)
+        new_ids = self._commit(doomed, specs, OWN)
         return [tasks[i] for i, mine in zip(new_ids, owned, strict=True) if mine]
 
-    def restore_all(self, tasks: Iterable[StoredTask]) -> None:
+    def restore_all(self, tasks: Iterable[StoredTask], *, errors: Container[int] | None = None) -> None:
         """Insert many tasks with their own IDs (recovery), IDs in increasing order.
 
         Each group index is built with one sort instead of one insertion per
         task: O(n log n) overall, several times faster than inserting one by
-        one. On error the tasks before the bad one are in.
+        one. On error the tasks before the bad one are in. ``errors`` holds
+        the IDs of the tasks with an error when known (a snapshot stores
+        them); otherwise each body is looked at.
         """
         tasks_by_id = self._tasks
         keys: dict[str, list[int]] = {}
+        error_keys: dict[str, list[int]] = {}
         next_id = self._next_id
         try:
             for task in tasks:
@@ -395,6 +423,9 @@ class Store:
                 group_keys.append(task.key)
                 if task.labels:
                     self._index_labels(task_id, task.labels)
+                # Most bodies have no "2" byte at all (0x32 is the error's tag): skip the call.
+                if task_id in errors if errors is not None else b"2" in task.body and body_has_error(task.body):
+                    error_keys.setdefault(task.group, []).append(task.key)
         finally:
             self._next_id = next_id
             for group, new_keys in keys.items():
@@ -403,12 +434,13 @@ class Store:
                     self._groups[group] = SortedList(new_keys)
                 else:
                     index.update(new_keys)
+                self.stats.restored(group, len(new_keys), error_keys.get(group, ()))
 
     def restore_removal(self, task_id: int) -> None:
         """Remove a task (recovery); missing IDs are an error."""
         if task_id not in self._tasks:
             raise NotFound(f"task {task_id} does not exist")
-        self._remove(task_id)
+        self.stats.removed_by_recovery(self._remove(task_id))
 
     def set_next_id(self, next_id: int) -> None:
         """Raise the ID counter (recovery), never lower it."""
@@ -441,18 +473,21 @@ class Store:
         if self._next_id + count - 1 > MAX_ID:
             raise BadRequest("task ID space exhausted")
 
-    def _commit(self, doomed: list[int], created: list[TaskSpec]) -> list[int]:
-        """Remove then create, after every check passed: this cannot fail. O(log n) per task."""
+    def _commit(self, doomed: list[int], created: list[TaskSpec], kind: int = UPDATE) -> list[int]:
+        """Remove then create, after every check passed: this cannot fail. O(log n) per task.
+
+        ``kind`` (UPDATE, OWN, BULK_SET) tells the statistics how to count the change.
+        """
         remove = self._remove
-        for task_id in doomed:
-            remove(task_id)
+        removed = [remove(task_id) for task_id in doomed]
         new_tasks = []
         new_ids = []
+        errored: list[StoredTask] = []
         if created:
             insert = self._insert
             now: int | None = None
             task_id = self._next_id
-            for group, not_before, body, labels in created:
+            for group, not_before, body, labels, error in created:
                 if not_before is None:
                     if now is None:
                         now = self._clock()
@@ -461,8 +496,11 @@ class Store:
                 insert(task_id, task)
                 new_tasks.append(task)
                 new_ids.append(task_id)
+                if error:
+                    errored.append(task)
                 task_id += 1
             self._next_id = task_id
+        self.stats.committed(kind, removed, new_tasks, errored)
         for listener in self.listeners:
             listener(doomed, new_tasks)
         return new_ids
@@ -485,7 +523,7 @@ class Store:
             else:
                 ids.add(task_id)
 
-    def _remove(self, task_id: int) -> None:
+    def _remove(self, task_id: int) -> StoredTask:
         task = self._tasks.pop(task_id)
         index = self._groups[task.group]
         index.remove(task.key)
@@ -497,6 +535,7 @@ class Store:
                 ids.discard(task_id)
                 if not ids:
                     del self._labels[pair]
+        return task
 
     # -- invariants ----------------------------------------------------------
 
@@ -522,6 +561,9 @@ class Store:
         assert expected == self._labels, "label index out of sync"
         for task in self._tasks.values():
             task_body.check(task.body)
+
+        tasks = self._tasks
+        self.stats.check(self._groups, lambda key: tasks[key & _ID_MASK].body)
 
 
 def check_dead_letter(dead_letter: DeadLetter, group: str) -> None:

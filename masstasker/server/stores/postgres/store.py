@@ -470,7 +470,7 @@ class PostgresStore:
         """Created tasks as INSERT_TASKS rows; no ``not_before`` means now."""
         rows = []
         now: int | None = None
-        for group, not_before, body, labels in created:
+        for group, not_before, body, labels, _error in created:  # the error flag is for the in-memory statistics
             if not_before is None:
                 if now is None:
                     now = self._clock()
@@ -602,6 +602,9 @@ class PostgresStore:
             return tasks, sum(n for _, n in await count_cur.fetchall())
 
         return await self._run(read)
+
+    #: No per-group statistics (leases, errors, counters, history) yet: the admin API answers UNIMPLEMENTED.
+    admin = None
 
     async def group_stats(self, now: int) -> tuple[GroupStats, int]:
         """Every non-empty group's (size, visible at ``now``), and the total; never scans the tasks table."""
