@@ -71,8 +71,6 @@ _RETRIES = 10
 _COMPACT_AT = 1000
 _COMPACT_EVERY = 5.0
 _STORE = "PostgreSQL store"
-# Reads that must agree with each other (rows and counts) share one snapshot.
-_SNAPSHOT = "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY"
 # A queue key (nb_s, nb_ns, id) below every task's: where LOCK_HEAD's first page starts.
 _BEFORE_ALL = (-(2**63), 0, 0)
 
@@ -215,7 +213,13 @@ class PostgresStore:
         for attempt in range(_RETRIES):
             try:
                 async with self._pool.connection() as conn:
-                    return await op(conn)
+                    try:
+                        return await op(conn)
+                    except asyncio.CancelledError:
+                        # Cut off mid-statement (the caller went away), the connection may still be
+                        # inside a transaction or a pipeline: never hand it to the next caller.
+                        conn.pgconn.finish()
+                        raise
             except (errors.SerializationFailure, errors.DeadlockDetected):
                 self.retries += 1
                 if attempt == _RETRIES - 1:
@@ -372,9 +376,7 @@ class PostgresStore:
             params = {"grp": grp, "now_s": now_s, "now_ns": now_ns, "n": n, "until_s": until_s, "until_ns": until_ns}
 
             async def own(conn: Conn) -> tuple[list[StoredTask], bool]:
-                # An explicit transaction: if the waiter's call is cancelled before it commits, the
-                # lease rolls back and the task stays for the next waiter. The peek after the lease
-                # (same round trip) tells whether the next waiter should look too.
+                # The peek after the lease (same round trip) tells whether the next waiter should look too.
                 async with conn.pipeline(), conn.transaction():
                     cur = await conn.execute(self._sql.own_head, params)
                     behind = await conn.execute(
@@ -384,7 +386,14 @@ class PostgresStore:
                     more = bool(await behind.fetchall())
                 return [StoredTask(i, group, until, b, None) for i, b in rows], more
 
-            return await self._run(own)
+            # The take runs to its end even if the caller goes away meanwhile (a statement cut off
+            # cannot tell whether it committed); what a departed caller took is given back.
+            taking = asyncio.ensure_future(self._run(own))
+            try:
+                return await asyncio.shield(taking)
+            except asyncio.CancelledError:
+                taking.add_done_callback(lambda done: self._give_back(done, group, now))
+                raise
 
         async def next_hidden(now: int) -> int | None:
             now_s, now_ns = split_ns(now)
@@ -397,6 +406,30 @@ class PostgresStore:
             return await self._run(read)
 
         return await self.waiters.wait(group, offset, take, next_hidden, timeout)
+
+    def _give_back(self, taken: asyncio.Future[tuple[list[StoredTask], bool]], group: str, now: int) -> None:
+        """Undo the lease a cancelled waiter's take committed: the tasks are visible again at its ``now``."""
+        if taken.cancelled() or taken.exception() is not None or not taken.result()[0]:
+            return
+        ids = [task.id for task in taken.result()[0]]
+        now_s, now_ns = split_ns(now)
+
+        async def apply(conn: Conn) -> None:
+            async with conn.pipeline():
+                await conn.execute(self._sql.give_back, {"ids": ids, "now_s": now_s, "now_ns": now_ns})
+                await conn.execute(
+                    self._sql.notify_groups, {"channel": self.options.channel, "groups": [notify_payload(group)]}
+                )
+
+        async def give_back() -> None:
+            try:
+                await self._run(apply)
+            except StoreUnavailable as exc:  # the lease then expires as any other would
+                log.warning("could not give back tasks %s a departed waiter leased: %s", ids, exc)
+
+        task = asyncio.ensure_future(give_back())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     # -- Update and BulkSet ----------------------------------------------------------------
 
@@ -574,32 +607,25 @@ class PostgresStore:
     async def debug(self, group: str, limit: int) -> tuple[list[StoredTask], int]:
         """A group's tasks in queue order (or all tasks in ID order), at most ``limit`` (0: all), and the count.
 
-        Reads only the rows it returns; the count comes from group_counts. Both
-        from one snapshot.
+        One statement: reads only the rows it returns, takes the count from
+        group_counts, both from one snapshot.
         """
         bounded = limit if 0 < limit <= _MAX_ID else None
 
         async def read(conn: Conn) -> tuple[list[StoredTask], int]:
-            # One round trip: the rows and the count from one snapshot.
-            async with conn.pipeline():
-                await conn.execute(_SNAPSHOT)
-                if group:
-                    grp = group_bytes(group)
-                    tasks_cur = await conn.execute(self._sql.debug_group, {"grp": grp, "limit": bounded})
-                    count_cur = await conn.execute(self._sql.group_size, {"grp": grp})
-                else:
-                    tasks_cur = await conn.execute(self._sql.debug_all, {"limit": bounded})
-                    count_cur = await conn.execute(self._sql.group_sizes)
-                await conn.execute("COMMIT")
             if group:
-                tasks = [StoredTask(i, group, join_ns(s, ns), b, None) for i, s, ns, b in await tasks_cur.fetchall()]
-                row = await count_cur.fetchone()
-                return tasks, int(row[0]) if row else 0
-            tasks = [
-                StoredTask(i, group_from_bytes(g), join_ns(s, ns), b, None)
-                for i, g, s, ns, b in await tasks_cur.fetchall()
-            ]
-            return tasks, sum(n for _, n in await count_cur.fetchall())
+                cur = await conn.execute(self._sql.debug_group, {"grp": group_bytes(group), "limit": bounded})
+                rows = await cur.fetchall()
+                tasks = [StoredTask(i, group, join_ns(s, ns), b, None) for _, i, s, ns, b in rows if i is not None]
+            else:
+                cur = await conn.execute(self._sql.debug_all, {"limit": bounded})
+                rows = await cur.fetchall()
+                tasks = [
+                    StoredTask(i, group_from_bytes(g), join_ns(s, ns), b, None)
+                    for _, i, g, s, ns, b in rows
+                    if i is not None
+                ]
+            return tasks, int(rows[0][0]) if rows else 0
 
         return await self._run(read)
 
@@ -610,18 +636,11 @@ class PostgresStore:
         """Every non-empty group's (size, visible at ``now``), and the total; never scans the tasks table."""
         now_s, now_ns = split_ns(now)
 
-        async def read(conn: Conn) -> tuple[dict[str, tuple[int, int]], int]:
-            await conn.execute(_SNAPSHOT)
-            try:
-                sizes = {bytes(g): n for g, n in await (await conn.execute(self._sql.group_sizes)).fetchall()}
-                cur = await conn.execute(
-                    self._sql.hidden_counts, {"groups": list(sizes), "now_s": now_s, "now_ns": now_ns}
-                )
-                hidden = {bytes(g): n for g, n in await cur.fetchall()}
-            finally:
-                await conn.execute("COMMIT")
-            stats = {group_from_bytes(g): (n, n - hidden.get(g, 0)) for g, n in sizes.items()}
-            return stats, sum(sizes.values())
+        async def read(conn: Conn) -> tuple[GroupStats, int]:
+            cur = await conn.execute(self._sql.group_stats, {"now_s": now_s, "now_ns": now_ns})
+            rows = await cur.fetchall()
+            stats = {group_from_bytes(g): (n, n - hidden) for g, n, hidden in rows}
+            return stats, sum(n for _, n, _ in rows)
 
         return await self._run(read)
 
@@ -632,17 +651,11 @@ class PostgresStore:
     async def check(self) -> None:
         """Assert that group_counts agrees with the tasks table, and the waiters' invariants (tests)."""
 
-        async def read(conn: Conn) -> tuple[dict[bytes, int], dict[bytes, int]]:
-            await conn.execute(_SNAPSHOT)
-            try:
-                counted = {bytes(g): n for g, n in await (await conn.execute(self._sql.group_sizes)).fetchall()}
-                actual = {bytes(g): n for g, n in await (await conn.execute(self._sql.count_tasks)).fetchall()}
-            finally:
-                await conn.execute("COMMIT")
-            return counted, actual
+        async def read(conn: Conn) -> list[tuple[Any, ...]]:
+            return await (await conn.execute(self._sql.counts_disagree)).fetchall()
 
-        counted, actual = await self._run(read)
-        assert counted == actual, f"group_counts {counted} disagrees with the tasks table {actual}"
+        disagree = await self._run(read)
+        assert not disagree, f"group_counts disagrees with the tasks table (group, counted, actual): {disagree}"
         self.waiters._check()
 
     async def compact_counts(self) -> bool:
