@@ -142,7 +142,7 @@ class MassTaskerService:
         """Update: predicates, then deletions, then creations, atomically."""
         request = _parse(pb.UpdateRequest, data)
         limits = self._limits
-        limits.check_update(request)
+        limits.check_update(request, len(data))
         created: list[TaskSpec] = []
         if request.created:  # a worker's commit only deletes: skip the (per-call costly) creation path
             created = specs_from_pb(request.created)
