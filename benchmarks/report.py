@@ -101,6 +101,10 @@ def _notes(row: Row) -> str:
         notes.append(f"{e['vs_ceiling']:.2f}x ceiling")
         if len(e.get("vs_ceiling_repeats", ())) > 1:
             notes.append("repeats " + " ".join(f"{x:.2f}" for x in e["vs_ceiling_repeats"]))
+        if "cpu_per_op_vs_ceiling" in e:
+            notes.append(f"CPU/op ceiling/real {e['cpu_per_op_vs_ceiling']:.2f}")
+    if "server_cpu_us_per_op" in e:
+        notes.append(f"{e['server_cpu_us_per_op']:.0f} us server CPU/op")
     if "vs_small_group" in e:
         notes.append(f"{e['vs_small_group']:.2f}x the 10-task group")
     if "bytes_per_task" in e:

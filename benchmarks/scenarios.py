@@ -8,6 +8,7 @@ side, alternating repeat by repeat, so drift in a noisy machine hits both.
 
 from __future__ import annotations
 
+import math
 import statistics
 import subprocess
 import sys
@@ -247,9 +248,19 @@ class Context:
         if "ceiling" in rows and "real" in rows:
             rows["real"].extra["vs_ceiling"] = rows["real"].ops_s / rows["ceiling"].ops_s
             # Repeat by repeat (each pair measured back to back): the spread of the ratio on a noisy machine.
-            pairs = zip(samples["real"], samples["ceiling"], strict=True)
-            rows["real"].extra["vs_ceiling_repeats"] = [r.ops_s / c.ops_s for r, c in pairs]
+            pairs = list(zip(samples["real"], samples["ceiling"], strict=True))
+            rows["real"].extra["vs_ceiling_repeats"] = [r.ops_s / c.ops_s if c.ops_s else math.nan for r, c in pairs]
+            # Server CPU per operation, ceiling / real: when another process steals the server's core, the
+            # throughput of that window drops but CPU per operation does not, so this ratio stays honest.
+            per_op = {kind: statistics.median(_cpu_per_op(s) for s in samples[kind]) for kind in ("real", "ceiling")}
+            rows["real"].extra["cpu_per_op_vs_ceiling"] = per_op["ceiling"] / per_op["real"]
+            for kind, value in per_op.items():
+                rows[kind].extra["server_cpu_us_per_op"] = value * 1e6
         return list(rows.values())
+
+
+def _cpu_per_op(sample: Sample) -> float:
+    return sample.server_cpu / sample.ops_s if sample.ops_s else math.inf
 
 
 def _sleep_until(moment: float) -> None:
