@@ -21,7 +21,16 @@ from masstasker.server.durability.records import (
     parse_frame_header,
 )
 from masstasker.server.durability.recovery import _Replay
-from masstasker.server.store import MAX_ID, BadRequest, GroupRef, IdRef, NotFound, Store, StoredTask, TaskSpec
+from masstasker.server.stores.memory.store import (
+    MAX_ID,
+    BadRequest,
+    GroupRef,
+    IdRef,
+    NotFound,
+    Store,
+    StoredTask,
+    TaskSpec,
+)
 
 labels = st.none() | st.lists(st.tuples(st.text(), st.text()), min_size=1, max_size=4).map(lambda p: tuple(sorted(p)))
 tasks = st.builds(

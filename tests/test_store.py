@@ -7,7 +7,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from masstasker.server.store import (
+from masstasker.server.stores.memory.store import (
     BadRequest,
     GroupRef,
     IdRef,

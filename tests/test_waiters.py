@@ -12,8 +12,8 @@ from typing import TypeVar
 
 import pytest
 
-from masstasker.server.store import NANOS_PER_SECOND, Store, StoredTask, TaskSpec
-from masstasker.server.waiters import ShuttingDown, Waiters
+from masstasker.server.stores.memory.store import NANOS_PER_SECOND, Store, StoredTask, TaskSpec
+from masstasker.server.stores.memory.waiters import ShuttingDown, Waiters
 
 R = TypeVar("R")
 NOW = 1_000 * NANOS_PER_SECOND

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -21,6 +22,7 @@ __all__ = [
     "ENV_PREFIX",
     "Settings",
     "check_security",
+    "check_store",
     "dial_host",
     "parse_address",
     "parse_args",
@@ -42,6 +44,9 @@ DEFAULT_MAX_LABEL_KEY_BYTES = 256
 DEFAULT_MAX_LABEL_VALUE_BYTES = 4096
 DEFAULT_MAX_WAITING_QUERIES = 10_000
 DEFAULT_MAX_WAITING_PER_CONNECTION = 1_000
+DEFAULT_STORE_SCHEMA = "masstasker"
+DEFAULT_STORE_POOL_SIZE = 10
+MEMORY_STORES = ("", "memory")
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +80,13 @@ class Settings:
     data_dir: str = ""  # "" keeps everything in memory only
     fsync: str = "always"  # one of FSYNC_POLICIES
     snapshot_min_log_bytes: int = DEFAULT_SNAPSHOT_MIN_LOG_BYTES
+    # Where tasks live: "" (or "memory") keeps them in this process; a PostgreSQL DSN or URI shares
+    # them between servers (docs/scaling.md).
+    store: str = ""
+    store_password_file: str = ""
+    store_schema: str = DEFAULT_STORE_SCHEMA
+    store_pool_size: int = DEFAULT_STORE_POOL_SIZE
+    store_poll_only: bool = False  # no LISTEN/NOTIFY: for poolers in transaction mode (PgBouncer)
 
     @property
     def rpc_address(self) -> str:
@@ -155,9 +167,67 @@ def _build_parser(version: str) -> argparse.ArgumentParser:
         default=defaults.snapshot_min_log_bytes,
         help="snapshot once the log exceeds this and twice the state's size",
     )
+    _add_store_flags(parser, defaults)
     _add_security_flags(parser, defaults)
     add("--version", action="version", version=f"%(prog)s {version}")
     return parser
+
+
+def _add_store_flags(parser: argparse.ArgumentParser, defaults: Settings) -> None:
+    group = parser.add_argument_group("store", "where tasks live; see docs/scaling.md")
+    add = group.add_argument
+    add(
+        "--store",
+        default="",
+        metavar="DSN",
+        help="'memory' (default) or a PostgreSQL URI/DSN (postgresql://user@host/db) shared by several servers",
+    )
+    add(
+        "--store-password-file",
+        default="",
+        metavar="FILE",
+        help="PostgreSQL password (first line); else DSN/PGPASSWORD",
+    )
+    add("--store-schema", default=defaults.store_schema, help="PostgreSQL schema for the tables (default %(default)s)")
+    add(
+        "--store-pool-size",
+        type=_positive_int,
+        default=defaults.store_pool_size,
+        help="PostgreSQL connections per server (default %(default)s)",
+    )
+    add(
+        "--store-poll-only",
+        type=_boolean,
+        nargs="?",
+        const=True,
+        default=False,
+        help="no LISTEN/NOTIFY, poll instead (PgBouncer in transaction mode)",
+    )
+
+
+_POSTGRES_URI = re.compile(r"^postgres(ql)?://", re.IGNORECASE)
+_KEY_VALUE_DSN = re.compile(r"^\s*[A-Za-z_]+\s*=")
+
+
+def is_postgres_dsn(value: str) -> bool:
+    """True for a libpq URI (``postgresql://...``) or key=value DSN (``host=... dbname=...``)."""
+    return bool(_POSTGRES_URI.match(value) or _KEY_VALUE_DSN.match(value))
+
+
+def check_store(settings: Settings) -> str | None:
+    """What is wrong with the store settings, or None."""
+    if settings.store in MEMORY_STORES:
+        return None
+    if not is_postgres_dsn(settings.store):
+        return "--store: expected 'memory' or a PostgreSQL URI (postgresql://...) or key=value DSN"
+    if settings.data_dir:
+        return (
+            "--data-dir is the in-memory store's write-ahead log; with a PostgreSQL --store the database "
+            "keeps every change durably, so drop --data-dir"
+        )
+    if not settings.store_schema:
+        return "--store-schema must not be empty"
+    return None
 
 
 def _add_security_flags(parser: argparse.ArgumentParser, defaults: Settings) -> None:
@@ -219,7 +289,7 @@ def parse_args(argv: Sequence[str] | None, env: Mapping[str, str], version: str)
                 parse_address(value)
             except ValueError as exc:
                 parser.error(f"{name}: {exc}")
-    problem = check_security(settings)
+    problem = check_security(settings) or check_store(settings)
     if problem:
         parser.error(problem)
     return settings

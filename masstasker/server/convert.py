@@ -1,7 +1,7 @@
 """Wire messages <-> store values, with the validation docs/api.md asks for.
 
 Everything that can reject a request for its shape lives here and raises
-:class:`~masstasker.server.store.BadRequest` with a message naming the field
+:class:`~masstasker.server.stores.memory.store.BadRequest` with a message naming the field
 and the rule; the server's configurable limits on sizes and counts are
 :mod:`~masstasker.server.limits`'. What leaves here is valid input for any
 store: times in range, label pairs sorted, no empty selector.
@@ -17,7 +17,7 @@ from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from masstasker._pb import masstasker_pb2 as pb
-from masstasker.server.store import (
+from masstasker.server.stores.memory.store import (
     NANOS_PER_SECOND,
     BadRequest,
     GroupRef,

@@ -7,10 +7,10 @@ is handled. The limits here bound what a request may leave behind or ask for:
 - the counts (tasks, refs, predicates per request, tasks per Query) are
   checked on the parsed message, before anything is converted;
 - each task's payload, group name and labels are checked on the converted
-  :class:`~masstasker.server.store.TaskSpec`, before the store sees it (the
+  :class:`~masstasker.server.stores.memory.store.TaskSpec`, before the store sees it (the
   conversion is bounded by the message size, and checking its result is
   nearly free: a few ``len()`` calls, no protobuf access);
-- all are INVALID_ARGUMENT via :class:`~masstasker.server.store.BadRequest`,
+- all are INVALID_ARGUMENT via :class:`~masstasker.server.stores.memory.store.BadRequest`,
   since sending the same request again cannot help. The limits on waiting
   Queries, which a later call may pass, are
   :class:`~masstasker.server.admission.WaitingAdmission`'s.
@@ -26,7 +26,7 @@ from collections.abc import Mapping, Sequence
 
 from masstasker._pb import masstasker_pb2 as pb
 from masstasker.server.config import Settings
-from masstasker.server.store import BadRequest, TaskSpec
+from masstasker.server.stores.memory.store import BadRequest, TaskSpec
 
 __all__ = ["Limits"]
 

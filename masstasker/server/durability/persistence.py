@@ -40,7 +40,7 @@ from masstasker.server.durability.records import encode_change
 from masstasker.server.durability.recovery import Recovered, recover
 from masstasker.server.durability.snapshot import list_snapshots, write_snapshot
 from masstasker.server.durability.writer import DurabilityLost, LogWriter
-from masstasker.server.store import Store, StoredTask
+from masstasker.server.stores.memory.store import Store, StoredTask
 
 __all__ = ["DEFAULT_SNAPSHOT_MIN_LOG_BYTES", "SNAPSHOT_LOG_RATIO", "Persistence", "SnapshotStats"]
 

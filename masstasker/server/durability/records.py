@@ -31,7 +31,7 @@ import struct
 import zlib
 from collections.abc import Iterable, Sequence
 
-from masstasker.server.store import NANOS_PER_SECOND, StoredTask
+from masstasker.server.stores.memory.store import NANOS_PER_SECOND, StoredTask
 
 __all__ = [
     "FRAME_HEADER_SIZE",

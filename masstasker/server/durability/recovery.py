@@ -23,7 +23,7 @@ from masstasker.server.durability.files import (
 )
 from masstasker.server.durability.records import BadFrame, decode_change
 from masstasker.server.durability.snapshot import list_snapshots, load_snapshot
-from masstasker.server.store import MAX_ID, BadRequest, NotFound, Store, StoredTask, StoreError
+from masstasker.server.stores.memory.store import MAX_ID, BadRequest, NotFound, Store, StoredTask, StoreError
 
 __all__ = ["Recovered", "recover"]
 

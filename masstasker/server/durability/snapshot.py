@@ -18,7 +18,7 @@ from pathlib import Path
 
 from masstasker.server.durability.files import CorruptFile, FrameReader, fsync_dir, numbered_files
 from masstasker.server.durability.records import BadFrame, decode_tasks, encode_tasks, frame
-from masstasker.server.store import BadRequest, Store, StoredTask
+from masstasker.server.stores.memory.store import BadRequest, Store, StoredTask
 
 __all__ = ["CHUNK_TASKS", "list_snapshots", "load_snapshot", "snapshot_path", "write_snapshot"]
 
