@@ -61,9 +61,11 @@ def check_targets(rows: Sequence[Row]) -> list[Target]:
     extra = waiting.extra if waiting else {}
     thread_growth = extra.get("threads_waiting", math.nan) - extra.get("threads_before", math.nan)
     vs_ceiling = _get(rows, "lease-64", lambda r: r.extra["vs_ceiling"])
+    one_conn = _get(rows, "lease-64-1conn", lambda r: r.extra["vs_ceiling"])
     head_ratio = big.extra["vs_small_group"] if big else math.nan
     return [
         Target("lease-64: real / ceiling throughput", vs_ceiling, 0.8, ">=", "ratio"),
+        Target("lease-64-1conn (one connection): real / ceiling throughput", one_conn, 0.8, ">=", "ratio"),
         Target(
             "batch lease: tasks leased+committed per s",
             _get(rows, "batch-lease", lambda r: r.tasks_s),
@@ -97,6 +99,12 @@ def _notes(row: Row) -> str:
     e = row.extra
     if "vs_ceiling" in e:
         notes.append(f"{e['vs_ceiling']:.2f}x ceiling")
+        if len(e.get("vs_ceiling_repeats", ())) > 1:
+            notes.append("repeats " + " ".join(f"{x:.2f}" for x in e["vs_ceiling_repeats"]))
+        if "cpu_per_op_vs_ceiling" in e:
+            notes.append(f"CPU/op ceiling/real {e['cpu_per_op_vs_ceiling']:.2f}")
+    if "server_cpu_us_per_op" in e:
+        notes.append(f"{e['server_cpu_us_per_op']:.0f} us server CPU/op")
     if "vs_small_group" in e:
         notes.append(f"{e['vs_small_group']:.2f}x the 10-task group")
     if "bytes_per_task" in e:

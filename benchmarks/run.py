@@ -16,6 +16,7 @@ reports medians.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import platform
 import random
@@ -88,6 +89,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         help=f"repeatable; a name or a prefix (default: all): {', '.join(SCENARIOS)}",
     )
     parser.add_argument("--quick", action="store_true", help="small sizes, one short repeat: a smoke run")
+    parser.add_argument(
+        "--repeats", type=int, metavar="N", help="windows per server and scenario (default 3; 1 with --quick)"
+    )
     parser.add_argument("--json", type=Path, metavar="FILE", help="also write every result here")
     parser.add_argument("--processes", type=int, default=_DEFAULT_PROCESSES, help="load-generator processes")
     parser.add_argument("--no-pin", action="store_true", help="do not pin the server and the load to separate CPUs")
@@ -101,6 +105,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     names = select(args.scenario)
     sizes = Sizes.quick() if args.quick else Sizes.full()
+    if args.repeats:  # more windows on a noisy machine: the medians and the spread firm up
+        sizes = dataclasses.replace(sizes, repeats=args.repeats)
     random.seed(SEED)
     server_cpus, load_cpus = cpu_plan(not args.no_pin)
     pin(0, load_cpus)

@@ -8,6 +8,7 @@ side, alternating repeat by repeat, so drift in a noisy machine hits both.
 
 from __future__ import annotations
 
+import math
 import statistics
 import subprocess
 import sys
@@ -154,11 +155,16 @@ class Context:
         *,
         profile: str | None = None,
         first: int = 0,
+        processes: int | None = None,
         **params: Any,
     ) -> Sample:
-        """Run ``workers`` callers of one workload, spread over the pool from process ``first`` on; one window."""
+        """Run ``workers`` callers of one workload, spread over the pool from process ``first`` on; one window.
+
+        ``processes`` caps how many load processes share the callers (one process with
+        ``channels=1`` is one HTTP/2 connection carrying every call).
+        """
         sizes = self.sizes
-        procs = min(self.pool.size - first, workers)
+        procs = min(self.pool.size - first, workers, processes or workers)
         t_start = time.time() + _DISPATCH_SLACK
         t_measure = t_start + sizes.warmup
         t_end = t_measure + sizes.window
@@ -200,11 +206,15 @@ class Context:
         )
 
     def _start_profile(self, server: ServerProcess, name: str | None) -> subprocess.Popen[bytes] | None:
-        """py-spy on the server for exactly one window, when profiling was asked for."""
-        if self.profile_dir is None or name is None or server.kind != "real":
+        """py-spy on the server for exactly one window, when profiling was asked for.
+
+        The ceiling is profiled too (``NAME.ceiling.raw.txt``): what the gRPC stack costs without our code.
+        """
+        if self.profile_dir is None or name is None:
             return None
         self.profile_dir.mkdir(parents=True, exist_ok=True)
-        out = self.profile_dir / f"{name}.raw.txt"
+        suffix = "" if server.kind == "real" else f".{server.kind}"
+        out = self.profile_dir / f"{name}{suffix}.raw.txt"
         spy = Path(sys.executable).with_name("py-spy")
         argv = [str(spy), "record", "--pid", str(server.pid), "--format", "raw", "--rate", "250"]
         argv += ["--nonblocking", "--duration", str(max(1, round(self.sizes.window))), "--output", str(out)]
@@ -237,7 +247,20 @@ class Context:
             _fill_row(row, samples[kind])
         if "ceiling" in rows and "real" in rows:
             rows["real"].extra["vs_ceiling"] = rows["real"].ops_s / rows["ceiling"].ops_s
+            # Repeat by repeat (each pair measured back to back): the spread of the ratio on a noisy machine.
+            pairs = list(zip(samples["real"], samples["ceiling"], strict=True))
+            rows["real"].extra["vs_ceiling_repeats"] = [r.ops_s / c.ops_s if c.ops_s else math.nan for r, c in pairs]
+            # Server CPU per operation, ceiling / real: when another process steals the server's core, the
+            # throughput of that window drops but CPU per operation does not, so this ratio stays honest.
+            per_op = {kind: statistics.median(_cpu_per_op(s) for s in samples[kind]) for kind in ("real", "ceiling")}
+            rows["real"].extra["cpu_per_op_vs_ceiling"] = per_op["ceiling"] / per_op["real"]
+            for kind, value in per_op.items():
+                rows[kind].extra["server_cpu_us_per_op"] = value * 1e6
         return list(rows.values())
+
+
+def _cpu_per_op(sample: Sample) -> float:
+    return sample.server_cpu / sample.ops_s if sample.ops_s else math.inf
 
 
 def _sleep_until(moment: float) -> None:
@@ -316,12 +339,22 @@ def _top_up(group: str, minimum: int, sizes: Sizes) -> Callable[[ServerProcess, 
 # -- the scenarios -----------------------------------------------------------------------
 
 
-def lease(workers: int) -> Callable[[Context], list[Row]]:
-    """Single-task lease cycle: Query(own) + Update(delete it), ``workers`` at a time."""
+def lease(workers: int, *, one_connection: bool = False) -> Callable[[Context], list[Row]]:
+    """Single-task lease cycle: Query(own) + Update(delete it), ``workers`` at a time.
+
+    With ``one_connection``, every worker is a coroutine of one load process on one
+    channel: all calls share one HTTP/2 connection, as a worker pool in one process does.
+    """
 
     def run(ctx: Context) -> list[Row]:
         group = "lease"
         before = _top_up(group, ctx.sizes.lease_fill, ctx.sizes)
+        if one_connection:
+            name = f"lease-{workers}-1conn"
+            rows = ctx.compare(name, workers, "lease", before=before, group=group, processes=1, channels=1)
+            for row in rows:
+                row.extra["connections"] = 1
+            return rows
         return ctx.compare(f"lease-{workers}", workers, "lease", before=before, group=group)
 
     return run
@@ -509,6 +542,7 @@ SCENARIOS: dict[str, Callable[[Context], list[Row]]] = {
     "lease-16": lease(16),
     "lease-64": lease(64),
     "lease-256": lease(256),
+    "lease-64-1conn": lease(64, one_connection=True),
     "batch-lease": batch_lease,
     "peek": peek,
     "create-1": create(1, 64),

@@ -159,7 +159,8 @@ def ref_from_pb(ref: pb.TaskRef) -> Ref:
 
 def refs_from_pb(refs: Sequence[pb.TaskRef]) -> list[Ref]:
     """Every ref converted, in order."""
-    return [ref_from_pb(r) for r in refs]
+    # ID refs inline: every worker's commit is one, and this runs on every Update.
+    return [IdRef(r.id) if r.WhichOneof("sel") == "id" else ref_from_pb(r) for r in refs]
 
 
 class QuerySpec(NamedTuple):

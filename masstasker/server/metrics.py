@@ -10,11 +10,12 @@ costs O(groups x log n), never a scan of the tasks.
 from __future__ import annotations
 
 import asyncio
+from bisect import bisect_left
 from collections.abc import Callable, Coroutine, Iterator, Sequence
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
 from masstasker.server.stats import GroupStats
@@ -42,39 +43,63 @@ _NANOS = 1e9
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 _SCRAPE_TIMEOUT = 10.0
+# The buckets' ``le`` labels as prometheus_client writes them ("0.0005", "1.0", "+Inf").
+_BUCKET_LABELS = (*(repr(float(bound)) for bound in _LATENCY_BUCKETS), "+Inf")
 
 
-class RpcMetrics:
-    """Per-method, per-status-code call counts and latencies."""
+class RpcMetrics(Collector):
+    """Per-method, per-status-code call counts and latencies.
+
+    Counted in plain Python numbers by the event loop and turned into metric
+    families only when scraped: prometheus_client's ``Counter.inc`` and
+    ``Histogram.observe`` take a lock per value and scan the buckets in Python,
+    about 2 µs per RPC, which the one-connection lease-cycle benchmark showed
+    in its ratio to the ceiling (docs/performance.md). A scrape from the HTTP
+    thread may see an RPC's sum before its count, as prometheus_client's own
+    histograms may; counts are never torn (the total is the buckets' sum).
+    """
 
     def __init__(self, registry: CollectorRegistry) -> None:
-        self.requests = Counter(
-            "masstasker_rpc_requests", "RPCs handled, by method and status code", ["method", "code"], registry=registry
-        )
-        self.latency = Histogram(
-            "masstasker_rpc_duration_seconds",
-            "RPC handling time, by method and status code (waiting Queries included)",
-            ["method", "code"],
-            registry=registry,
-            buckets=_LATENCY_BUCKETS,
-        )
+        # (method, code) -> [sum of seconds, count per bucket..., count above the last bound]
+        self._series: dict[tuple[str, str], list[float]] = {}
+        registry.register(self)
 
     def observer(self, method: str) -> Callable[[str, float], None]:
-        """A cheap ``observe(code, seconds)`` for one method: label children are cached."""
-        children: dict[str, tuple[Callable[[], None], Callable[[float], None]]] = {}
-        requests, latency = self.requests, self.latency
+        """A cheap ``observe(code, seconds)`` for one method, to call from the event loop."""
+        series = self._series
+        by_code: dict[str, list[float]] = {}
+        bounds = _LATENCY_BUCKETS
+        width = len(bounds) + 1
 
         def observe(code: str, seconds: float) -> None:
-            child = children.get(code)
-            if child is None:
-                child = children[code] = (
-                    requests.labels(method, code).inc,
-                    latency.labels(method, code).observe,
-                )
-            child[0]()
-            child[1](seconds)
+            counts = by_code.get(code)
+            if counts is None:
+                counts = by_code[code] = series.setdefault((method, code), [0.0] * (width + 1))
+            counts[0] += seconds
+            counts[1 + bisect_left(bounds, seconds)] += 1
 
         return observe
+
+    def collect(self) -> Iterator[Any]:
+        """The request counter and the latency histogram, from a snapshot of the counts."""
+        requests = CounterMetricFamily(
+            "masstasker_rpc_requests", "RPCs handled, by method and status code", labels=["method", "code"]
+        )
+        latency = HistogramMetricFamily(
+            "masstasker_rpc_duration_seconds",
+            "RPC handling time, by method and status code (waiting Queries included)",
+            labels=["method", "code"],
+        )
+        for (method, code), counts in sorted(list(self._series.items())):
+            seconds, *per_bucket = list(counts)  # list(): one step under the GIL, so no count is torn
+            cumulative, buckets = 0.0, []
+            for label, n in zip(_BUCKET_LABELS, per_bucket, strict=True):
+                cumulative += n
+                buckets.append((label, cumulative))
+            requests.add_metric([method, code], cumulative)
+            latency.add_metric([method, code], buckets, seconds)
+        yield requests
+        yield latency
 
 
 def _gauge(name: str) -> GaugeMetricFamily:

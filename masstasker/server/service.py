@@ -37,7 +37,7 @@ from masstasker.server.convert import (
 )
 from masstasker.server.limits import Limits
 from masstasker.server.metrics import RpcMetrics
-from masstasker.server.stores.base import BadRequest, NotFound, PreconditionFailed, TaskStore
+from masstasker.server.stores.base import BadRequest, NotFound, PreconditionFailed, TaskSpec, TaskStore
 
 __all__ = ["SERVICE_NAME", "MassTaskerService"]
 
@@ -132,11 +132,14 @@ class MassTaskerService:
         """Update: predicates, then deletions, then creations, atomically."""
         request = _parse(pb.UpdateRequest, data)
         limits = self._limits
-        limits.check_update(request)
-        created = specs_from_pb(request.created)
-        limits.check_specs(created, len(data))
+        limits.check_update(request, len(data))
+        created: list[TaskSpec] = []
+        if request.created:  # a worker's commit only deletes: skip the (per-call costly) creation path
+            created = specs_from_pb(request.created)
+            limits.check_specs(created, len(data))
         ids = await self._store.update(created, refs_from_pb(request.deleted), request.predicates)
-        return pb.UpdateResponse(created_ids=ids).SerializeToString()
+        # An UpdateResponse with no IDs serializes to nothing: no message to build for a commit.
+        return pb.UpdateResponse(created_ids=ids).SerializeToString() if ids else b""
 
     async def query(self, data: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
         """Query: peek at or own the head of a group, waiting for one if asked."""
@@ -153,6 +156,7 @@ class MassTaskerService:
         if not tasks:
             if not wait:
                 raise NotFound(f"no visible task in group {group!r}")
+            # context.peer() only here: it builds a new string on every call, and only waits need it.
             with self._admission.admit(context.peer()):
                 tasks = await store.wait(
                     group, now - server_now, own_for, max_tasks, context.time_remaining(), dead_letter
