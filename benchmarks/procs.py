@@ -55,11 +55,11 @@ def pin(pid: int, cpus: set[int] | None) -> None:
 
 
 class ServerProcess:
-    """A server subprocess; ``kind`` is "real" (MassTasker) or "ceiling" (canned answers)."""
+    """A server subprocess; ``kind`` is "ceiling" (canned answers) or any other name for MassTasker."""
 
     def __init__(self, kind: str, *, cpus: set[int] | None, metrics: bool = False, extra: tuple[str, ...] = ()) -> None:
         self.kind = kind
-        module = "masstasker.server" if kind == "real" else "benchmarks.ceiling"
+        module = "benchmarks.ceiling" if kind == "ceiling" else "masstasker.server"
         listen_http = "127.0.0.1:0" if metrics else ""
         self.argv = [sys.executable, "-m", module, "--port", "0", "--listen-http", listen_http, "--shutdown-grace", "1"]
         self.argv += extra
