@@ -406,7 +406,7 @@ def test_postgresql_stopped_and_restarted_under_load(own_cluster: PostgresCluste
                 )
             observed["not_serving_after_s"] = time.monotonic() - stopped
             for client in clients:
-                with pytest.raises(Unavailable, match="(?i)postgres|store|database"):
+                with pytest.raises(Unavailable, match=r"(?i)postgres|store|database"):
                     await client.query("work", 3, wait=False, timeout=10)
             acked_while_down = len(ledger.acked)
             await asyncio.sleep(1)
