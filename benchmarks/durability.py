@@ -33,8 +33,8 @@ import grpc
 
 from masstasker._pb import masstasker_pb2 as pb
 from masstasker._pb import masstasker_pb2_grpc as pb_grpc
-from masstasker.server.persistence import Persistence
-from masstasker.server.store import IdRef, Store, TaskSpec
+from masstasker.server.durability import Persistence
+from masstasker.server.stores.memory.store import IdRef, Store, TaskSpec
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from crash_harness import ServerProcess  # the test helper that launches a server subprocess

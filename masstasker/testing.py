@@ -1,25 +1,8 @@
-"""Test helpers for MassTasker users: a fake clock, server runners, and the pytest plugin.
+"""Test helpers for MassTasker users: a fake clock and server runners.
 
-Installing masstasker registers this module as a pytest plugin (entry point ``pytest11``), so these
-fixtures are available in any test without a conftest:
-
-``masstasker_server``
-    A fresh in-process server for this test on a free 127.0.0.1 port (``.target``, ``.port``).
-``masstasker_server_process``
-    The same, as a real ``python -m masstasker.server`` subprocess: true end to end.
-``masstasker_client`` / ``masstasker_async_client``
-    A ``Client`` / ``AsyncClient`` connected to ``masstasker_server``, closed after the test.
-``masstasker_client_factory`` / ``masstasker_async_client_factory``
-    Make more clients for that server (e.g. ``factory(clock=clock)``, or one per simulated worker).
-``masstasker_clock``
-    A ``FakeClock``: time moves only when the test calls ``advance()``.
-``masstasker_server_settings`` / ``masstasker_client_options``
-    Override these (return a dict) to give ``masstasker_server`` settings such as ``tls_cert``,
-    ``tls_key``, ``tls_client_ca`` or ``auth_token_file``, and every client fixture the matching
-    ``credentials=`` and ``token=``.
-
-The server fixtures need the server's dependencies (``pip install masstasker``); the client fixtures
-need nothing more.
+The pytest fixtures built on them (``masstasker_server``, ``masstasker_client``, ``masstasker_clock``, …)
+are in ``masstasker.pytest_plugin``, which installing masstasker registers with pytest: they are available
+in any test without a conftest.
 """
 
 from __future__ import annotations
@@ -38,9 +21,6 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import pytest
-
-from masstasker.client import AsyncClient, Client
 from masstasker.client._time import Seconds, to_seconds
 
 if TYPE_CHECKING:
@@ -49,15 +29,6 @@ if TYPE_CHECKING:
 __all__ = [
     "FakeClock",
     "ServerProcess",
-    "masstasker_async_client",
-    "masstasker_async_client_factory",
-    "masstasker_client",
-    "masstasker_client_factory",
-    "masstasker_client_options",
-    "masstasker_clock",
-    "masstasker_server",
-    "masstasker_server_process",
-    "masstasker_server_settings",
     "run_server",
     "run_server_process",
 ]
@@ -75,12 +46,17 @@ class FakeClock:
     Pass it as ``Client(..., clock=clock)``: the client stamps task times and query times from it (and the
     server follows the request's time), and ``run_with_lease``'s heartbeat waits on it. So a test fires a
     heartbeat by ``clock.wait_for_sleepers()`` (the heartbeat is waiting) then ``clock.advance(heartbeat)``
-    — no real sleeping, no guessing how long is enough. Thread-safe; ``advance`` may be called from any
-    thread or event loop.
+    — no real sleeping, no guessing how long is enough. A waiting ``query`` follows it too: ``advance()``
+    makes every client on this clock re-ask its waiting queries at the new time (``on_advance``), so a
+    lease that the advance made expire is handed out at once. Thread-safe; ``advance`` may be called from
+    any thread or event loop.
     """
 
     def __init__(self, start: datetime | None = None) -> None:
-        """Start at ``start`` (UTC; default: the real time now, so tasks made by real clocks interleave)."""
+        """Start at ``start`` (timezone-aware; default: the real time now, so tasks made by real clocks
+        interleave). A naive ``start`` is refused, as everywhere in the client: it could mean any zone."""
+        if start is not None and (start.tzinfo is None or start.utcoffset() is None):
+            raise ValueError(f"start must be a timezone-aware datetime, got the naive {start.isoformat()}")
         self._now = (start or datetime.now(UTC)).astimezone(UTC)
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)  # sleeper count changed
@@ -89,6 +65,7 @@ class FakeClock:
         self._conds: dict[int, tuple[datetime, threading.Condition]] = {}
         self._futures: dict[int, tuple[datetime, asyncio.AbstractEventLoop, asyncio.Future[None]]] = {}
         self._next_key = 0
+        self._listeners: dict[int, Callable[[], None]] = {}
 
     def now(self) -> datetime:
         """The fake time."""
@@ -101,6 +78,7 @@ class FakeClock:
         with self._lock:
             self._now += step
             now = self._now
+            listeners = list(self._listeners.values())
             conds = [cond for deadline, cond in self._conds.values() if deadline <= now]
             self._conds = {key: entry for key, entry in self._conds.items() if entry[0] > now}
             due = [(key, loop, fut) for key, (deadline, loop, fut) in self._futures.items() if deadline <= now]
@@ -115,7 +93,23 @@ class FakeClock:
         for _, loop, fut in due:
             with contextlib.suppress(RuntimeError):  # that loop is closed: nobody is waiting any more
                 loop.call_soon_threadsafe(_resolve, fut)
+        if step:
+            for listener in listeners:
+                listener()
         return now
+
+    def on_advance(self, callback: Callable[[], None]) -> Callable[[], None]:
+        """Call ``callback()`` after every ``advance()`` that moves the clock, until the returned function is
+        called. Clients use it to re-ask a waiting query at the new time (``AdvancingClock``)."""
+        with self._lock:
+            key = self._register_locked()
+            self._listeners[key] = callback
+
+        def remove() -> None:
+            with self._lock:
+                self._listeners.pop(key, None)
+
+        return remove
 
     @property
     def sleepers(self) -> int:
@@ -270,98 +264,3 @@ def run_server_process(*args: str, timeout: float = START_TIMEOUT) -> Iterator[S
         reader.join(STOP_TIMEOUT)
         if process.stderr is not None:
             process.stderr.close()
-
-
-# -- the pytest plugin ---------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def masstasker_server_settings() -> dict[str, Any]:
-    """``Settings`` fields for ``masstasker_server`` (none by default). Override it for TLS or tokens::
-
-    @pytest.fixture
-    def masstasker_server_settings(tmp_path):
-        (tmp_path / "tokens").write_text("s3cret")
-        return {"auth_token_file": str(tmp_path / "tokens")}
-    """
-    return {}
-
-
-@pytest.fixture
-def masstasker_client_options() -> dict[str, Any]:
-    """Options every client fixture passes to ``Client``/``AsyncClient`` (none by default), such as
-    ``token=`` or ``credentials=``; options given to a factory call win. Override it with the server's."""
-    return {}
-
-
-@pytest.fixture
-def masstasker_server(masstasker_server_settings: dict[str, Any]) -> Iterator[BackgroundServer]:
-    """A fresh in-process MassTasker server for this test; dial ``masstasker_server.target``."""
-    with run_server(**masstasker_server_settings) as server:
-        yield server
-
-
-@pytest.fixture
-def masstasker_server_process() -> Iterator[ServerProcess]:
-    """A fresh ``python -m masstasker.server`` subprocess for this test; dial ``.target``."""
-    with run_server_process() as server:
-        yield server
-
-
-@pytest.fixture
-def masstasker_clock() -> FakeClock:
-    """A ``FakeClock`` starting at the real time now."""
-    return FakeClock()
-
-
-@pytest.fixture
-def masstasker_client_factory(
-    masstasker_server: BackgroundServer, masstasker_client_options: dict[str, Any]
-) -> Iterator[Callable[..., Client]]:
-    """``factory(**options)`` makes a ``Client`` for ``masstasker_server`` (options as for ``Client``)."""
-    clients: list[Client] = []
-
-    def make(**options: Any) -> Client:
-        client = Client(masstasker_server.target, **{**masstasker_client_options, **options})
-        clients.append(client)
-        return client
-
-    yield make
-    for client in clients:
-        client.close()
-
-
-@pytest.fixture
-def masstasker_client(masstasker_client_factory: Callable[..., Client]) -> Client:
-    """A ``Client`` (system clock) connected to ``masstasker_server``."""
-    return masstasker_client_factory()
-
-
-@pytest.fixture
-def masstasker_async_client_factory(
-    masstasker_server: BackgroundServer, masstasker_client_options: dict[str, Any]
-) -> Iterator[Callable[..., AsyncClient]]:
-    """``factory(**options)`` makes an ``AsyncClient`` for ``masstasker_server``; it connects lazily, in the
-    event loop that first uses it, so it works with ``asyncio.run`` as well as with async test plugins."""
-    clients: list[AsyncClient] = []
-
-    def make(**options: Any) -> AsyncClient:
-        client = AsyncClient(masstasker_server.target, **{**masstasker_client_options, **options})
-        clients.append(client)
-        return client
-
-    yield make
-    for client in clients:
-        _close_async(client)
-
-
-@pytest.fixture
-def masstasker_async_client(masstasker_async_client_factory: Callable[..., AsyncClient]) -> AsyncClient:
-    """An ``AsyncClient`` (system clock) connected to ``masstasker_server``."""
-    return masstasker_async_client_factory()
-
-
-def _close_async(client: AsyncClient) -> None:
-    """Close an async client from synchronous teardown. The loop its channel was made in is usually gone by
-    now (``asyncio.run`` closed it); grpc.aio lets a fresh loop close the channel and free its resources."""
-    asyncio.run(client.close())

@@ -35,7 +35,7 @@ from fuzzing import METHODS, call, messages, raw_bytes, wire_messages
 from masstasker._pb import masstasker_pb2 as pb
 from masstasker._pb import masstasker_pb2_grpc as pb_grpc
 from masstasker.server import BackgroundServer, Settings
-from masstasker.server.store import GroupRef
+from masstasker.server.stores.memory.store import GroupRef
 
 TOKEN = "fuzz-campaign-token"
 BATCH = 500  # hypothesis examples per batch

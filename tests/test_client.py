@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from datetime import UTC, datetime, timedelta
@@ -153,7 +154,7 @@ def test_a_config_change_makes_a_stale_commit_fail(connect: Connect, debug: Any)
     admin, worker = connect(), connect()
     config = new_task("config", pb.Test(foo="v1"))
     admin.create(config, new_task("work"))
-    seen_config = worker.query("config")  # read, not owned
+    seen_config = worker.peek("config")  # read, not owned
     assert seen_config.id == config.id
     work = worker.query("work", 30)
     pack_data(config, pb.Test(foo="v2"))
@@ -162,7 +163,7 @@ def test_a_config_change_makes_a_stale_commit_fail(connect: Connect, debug: Any)
         worker.do(Pred(seen_config), Delete(work))
     assert raised.value.code is grpc.StatusCode.FAILED_PRECONDITION
     assert ids(debug("work")) == [work.id]
-    seen_config = worker.query("config")
+    seen_config = worker.peek("config")
     assert unpack_data(seen_config, pb.Test).foo == "v2"
     worker.do(Pred(seen_config), Delete(work))
     assert debug("work") == []
@@ -173,12 +174,12 @@ def test_query_peeks_or_leases_and_a_lease_hides_the_task_until_it_expires(conne
     client = connect(clock=clock)
     task = new_task("g")
     client.create(task)
-    assert client.query("g") == task  # a peek changes nothing
+    assert client.peek("g") == task  # a peek changes nothing
     owned = client.query("g", timedelta(seconds=30))
     assert owned.id > task.id
     assert owned.not_before.ToDatetime(tzinfo=UTC) == T0 + timedelta(seconds=30)
     with pytest.raises(TaskNotFound):
-        client.query("g", wait=False)
+        client.peek("g", wait=False)
     with pytest.raises(TaskNotFound):
         client.delete(task)  # the pre-lease ID is dead
     clock.advance(31)
@@ -204,10 +205,10 @@ def test_a_waiting_query_returns_when_a_task_is_created(connect: Connect) -> Non
 def test_a_waiting_query_gives_up_at_its_timeout(connect: Connect) -> None:
     client = connect()
     with pytest.raises(DeadlineExceeded) as raised:
-        client.query("empty", timeout=0.2)
+        client.query("empty", 30, timeout=0.2)
     assert isinstance(raised.value, TimeoutError)
     with pytest.raises(TaskNotFound):
-        client.query("empty", wait=False)
+        client.query("empty", 30, wait=False)
 
 
 def test_query_many_leases_several_tasks_at_once(connect: Connect) -> None:
@@ -218,9 +219,9 @@ def test_query_many_leases_several_tasks_at_once(connect: Connect) -> None:
     assert [unpack_data(t, pb.Test).foo for t in owned] == ["0", "1", "2"]
     assert all(t.not_before.ToDatetime(tzinfo=UTC) == T0 + timedelta(seconds=30) for t in owned)
     assert all(t.id > tasks[-1].id for t in owned)
-    rest = client.query_many("g", 10, wait=False)
+    rest = client.peek_many("g", 10, wait=False)
     assert ids(rest) == ids(tasks[3:])
-    assert client.query_many("empty", 4, wait=False) == []
+    assert client.query_many("empty", 4, 30, wait=False) == []
 
 
 def test_the_convenience_methods(connect: Connect, debug: Any) -> None:
@@ -258,7 +259,7 @@ def test_commit_or_move_deletes_parks_or_disowns_and_reraises(connect: Connect, 
     assert [(t.id, t.error) for t in debug("errors")] == [(bad.id, "cannot parse")]
     assert debug("work") == [flaky]
     assert flaky.not_before.ToDatetime(tzinfo=UTC) == T0  # disowned: visible again at once
-    assert client.query("work", wait=False) == flaky
+    assert client.peek("work", wait=False) == flaky
 
 
 def test_delete_or_move_commits_by_outcome(connect: Connect, debug: Any) -> None:
@@ -289,7 +290,7 @@ def test_the_barrier_pattern_records_every_contribution_exactly_once(connect: Co
         start.wait(CALL_TIMEOUT)  # all at once, so they really race
         for item in range(items_each):
             for attempt in range(1000):  # bounded: a livelock fails the test instead of hanging it
-                state = client.query("barrier")
+                state = client.peek("barrier")
                 parts = [p for p in unpack_data(state, pb.Test).foo.split(",") if p]
                 pack_data(state, pb.Test(foo=",".join([*parts, f"{worker}.{item}"])))
                 try:
@@ -313,7 +314,7 @@ def test_the_barrier_pattern_records_every_contribution_exactly_once(connect: Co
     for thread in threads:
         thread.join(CALL_TIMEOUT)
     assert not errors, errors
-    final = unpack_data(setup.query("barrier"), pb.Test).foo.split(",")
+    final = unpack_data(setup.peek("barrier"), pb.Test).foo.split(",")
     assert sorted(final) == sorted(f"{w}.{i}" for w in range(workers) for i in range(items_each))
     assert len(retries) == workers * items_each
 
@@ -325,7 +326,7 @@ def test_the_barrier_pattern_with_asyncio_workers(masstasker_server: Any) -> Non
 
             async def contribute(worker: int) -> None:
                 for _ in range(1000):  # bounded: a livelock fails the test instead of hanging it
-                    state = await client.query("barrier")
+                    state = await client.peek("barrier")
                     parts = [p for p in unpack_data(state, pb.Test).foo.split(",") if p]
                     pack_data(state, pb.Test(foo=",".join([*parts, str(worker)])))
                     try:
@@ -336,7 +337,7 @@ def test_the_barrier_pattern_with_asyncio_workers(masstasker_server: Any) -> Non
                 raise AssertionError(f"worker {worker} starved")
 
             await asyncio.gather(*(contribute(w) for w in range(20)))
-            return unpack_data(await client.query("barrier"), pb.Test).foo.split(",")
+            return unpack_data(await client.peek("barrier"), pb.Test).foo.split(",")
 
     assert sorted(asyncio.run(main()), key=int) == [str(w) for w in range(20)]
 
@@ -401,6 +402,8 @@ class GoLikeServer(pb_grpc.MassTaskerServicer):
         self.stub = pb_grpc.MassTaskerStub(self.channel)
         self.queries = 0
         self.changed = threading.Condition()
+        # The Go server answers OK with no task when a task's not_before equals the request's now.
+        self.empty_ok = False
 
     def _forward(self, call: Callable[[], Any], context: grpc.ServicerContext) -> Any:
         try:
@@ -416,7 +419,15 @@ class GoLikeServer(pb_grpc.MassTaskerServicer):
         go_request.CopyFrom(request)
         go_request.wait = False
         go_request.max_tasks = 0
-        response = self._forward(lambda: self.stub.Query(go_request), context)
+        if self.empty_ok:
+            try:
+                response = self.stub.Query(go_request)
+            except grpc.RpcError as exc:
+                if exc.code() is not grpc.StatusCode.NOT_FOUND:
+                    context.abort(exc.code(), exc.details())
+                return pb.QueryResponse()
+        else:
+            response = self._forward(lambda: self.stub.Query(go_request), context)
         return pb.QueryResponse(task=response.task)
 
     def Update(self, request: pb.UpdateRequest, context: grpc.ServicerContext) -> pb.UpdateResponse:
@@ -461,11 +472,11 @@ def test_retrying_a_server_that_cannot_wait_honours_the_timeout(
     target, go = go_server
     client = connect(target=target, query_retry_pause=0.02)
     with pytest.raises(DeadlineExceeded):
-        client.query("empty", timeout=0.3)
+        client.query("empty", 30, timeout=0.3)
     assert go.queries >= 2
     go.queries = 0
     with pytest.raises(TaskNotFound):  # not waiting: no retry
-        client.query("empty", wait=False)
+        client.query("empty", 30, wait=False)
     assert go.queries == 1
 
 
@@ -476,4 +487,103 @@ def test_query_many_against_a_server_that_ignores_max_tasks(
     client = connect(target=go_server[0])
     got = client.query_many("g", 3, 30)
     assert [unpack_data(t, pb.Test).foo for t in got] == ["0"]
-    assert client.query_many("empty", 3, wait=False) == []
+    assert client.query_many("empty", 3, 30, wait=False) == []
+
+
+def test_a_waiting_query_retries_an_ok_answer_with_no_task(
+    connect: Connect, go_server: tuple[str, GoLikeServer], masstasker_client: Client
+) -> None:
+    target, go = go_server
+    go.empty_ok = True
+    client = connect(target=target, query_retry_pause=0.01)
+    with pytest.raises(TaskNotFound):  # not waiting: at once, one call
+        client.query("g", 30, wait=False)
+    assert go.queries == 1
+    assert client.query_many("g", 3, 30, wait=False) == []
+    got: list[pb.Task] = []
+    thread = threading.Thread(target=lambda: got.append(client.query("g", 30, timeout=CALL_TIMEOUT)))
+    thread.start()
+    go.wait_for_queries(5)  # told OK-but-nothing, and asked again, more than once
+    masstasker_client.create(new_task("g", pb.Test(foo="at last")))
+    thread.join(CALL_TIMEOUT)
+    assert not thread.is_alive()
+    assert unpack_data(got[0], pb.Test).foo == "at last"
+
+
+# -- a waiting query on a fake clock --------------------------------------------------------------------------
+
+
+def wait_for_server_waiters(server: Any, count: int) -> None:
+    """Block until ``count`` Queries are waiting inside the server (real time, with a deadline)."""
+    deadline = time.monotonic() + CALL_TIMEOUT
+    while server.call(lambda s: s.waiters.count) < count:
+        assert time.monotonic() < deadline, f"never saw {count} waiting queries on the server"
+        time.sleep(0.01)
+
+
+def test_a_waiting_query_wakes_when_the_fake_clock_passes_the_lease(connect: Connect, masstasker_server: Any) -> None:
+    clock = FakeClock(T0)
+    holder, waiter = connect(clock=clock), connect(clock=clock)
+    task = new_task("g", pb.Test(foo="shared"))
+    holder.create(task)
+    leased = holder.query("g", own_for=3600)  # an hour: a real-time wake-up would time the test out
+    got: list[pb.Task] = []
+    thread = threading.Thread(target=lambda: got.append(waiter.query("g", 30, timeout=CALL_TIMEOUT)))
+    thread.start()
+    wait_for_server_waiters(masstasker_server, 1)  # the waiter is asleep on the server, at T0
+    clock.advance(3601)
+    thread.join(CALL_TIMEOUT)
+    assert not thread.is_alive(), "the waiting query did not follow the fake clock"
+    assert unpack_data(got[0], pb.Test).foo == "shared"
+    assert got[0].id > leased.id  # the expired lease was taken over, and leased at the fake time
+    assert got[0].not_before.ToDatetime(tzinfo=UTC) == T0 + timedelta(seconds=3601 + 30)
+    assert masstasker_server.call(lambda s: s.waiters.count) == 0
+
+
+def test_a_fake_clock_that_moves_too_little_keeps_the_query_waiting(connect: Connect, masstasker_server: Any) -> None:
+    clock = FakeClock(T0)
+    holder, waiter = connect(clock=clock), connect(clock=clock)
+    holder.create(new_task("g"))
+    holder.query("g", own_for=3600)
+    got: list[pb.Task] = []
+    thread = threading.Thread(target=lambda: got.append(waiter.query("g", 30, timeout=CALL_TIMEOUT)))
+    thread.start()
+    wait_for_server_waiters(masstasker_server, 1)
+    clock.advance(60)  # the lease still has 59 minutes: ask again, and wait again
+    wait_for_server_waiters(masstasker_server, 1)
+    assert thread.is_alive() and not got
+    holder.create(new_task("g", pb.Test(foo="new")))  # and a create still wakes the re-asked query
+    thread.join(CALL_TIMEOUT)
+    assert unpack_data(got[0], pb.Test).foo == "new"
+    # Leased from the re-asked query's now (the server adds the real time it then waited).
+    lease_start = got[0].not_before.ToDatetime(tzinfo=UTC) - timedelta(seconds=30)
+    assert T0 + timedelta(seconds=60) <= lease_start < T0 + timedelta(seconds=60 + CALL_TIMEOUT)
+
+
+# -- timeout= on the one-line helpers -------------------------------------------------------------------------
+
+
+def _known(group: str = "g", task_id: int = 7) -> pb.Task:
+    return pb.Task(id=task_id, group=group)
+
+
+HELPERS: dict[str, Callable[[Any], Any]] = {
+    "create": lambda c: c.create(new_task("g"), timeout=0.2),
+    "update": lambda c: c.update(_known(), timeout=0.2),
+    "delete": lambda c: c.delete(_known(), timeout=0.2),
+    "move": lambda c: c.move("h", _known(), timeout=0.2),
+    "disown": lambda c: c.disown(_known(), timeout=0.2),
+    "reown": lambda c: c.reown(30, _known(), timeout=0.2),
+    "complex_update": lambda c: c.complex_update(create=[new_task("g")], delete=[_known()], timeout=0.2),
+    "commit_or_move": lambda c: c.commit_or_move(_known(), None, "errors", timeout=0.2),
+}
+
+
+@pytest.mark.parametrize("helper", sorted(HELPERS))
+def test_the_one_line_helpers_take_a_timeout(connect: Connect, helper: str) -> None:
+    with run_server() as server:
+        target = server.target
+    # Nothing listens there and the client waits for a server to come: only the timeout ends the call.
+    client = connect(target=target, wait_for_ready=True)
+    with pytest.raises(DeadlineExceeded):
+        HELPERS[helper](client)

@@ -6,7 +6,7 @@ so the retry and deadline logic is pinned down without a network; test_client.py
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 
 import grpc
 import pytest
@@ -237,8 +237,13 @@ def test_time_conversions() -> None:
         with pytest.raises(ValueError, match="non-negative"):
             to_seconds(bad)
     assert to_duration(1.25).ToTimedelta() == timedelta(seconds=1.25)
-    naive = datetime(2030, 1, 1)
-    assert to_timestamp(naive).ToDatetime() == naive  # a naive datetime is taken as UTC
+    tokyo = datetime(2030, 1, 1, 9, tzinfo=timezone(timedelta(hours=9)))
+    assert to_timestamp(tokyo).ToDatetime(tzinfo=UTC) == datetime(2030, 1, 1, tzinfo=UTC)
+    with pytest.raises(ValueError, match="not_before must be a timezone-aware datetime"):
+        to_timestamp(datetime(2030, 1, 1), name="not_before")
+    for bad in (None, "30", True):
+        with pytest.raises(TypeError, match="own_for must be seconds"):
+            to_seconds(bad, name="own_for")  # type: ignore[arg-type]
 
 
 class Monotonic:

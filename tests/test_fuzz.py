@@ -42,7 +42,7 @@ class Fuzzed:
 
     def healthy(self, metadata: list[tuple[str, str]] | None = None) -> None:
         """The invariants hold and a normal call still works."""
-        self.server.call(lambda s: s.store._check())
+        self.server.call(lambda s: (s.store._check(), s.waiters._check(), s.admission._check()))
         stub = pb_grpc.MassTaskerStub(self.channel)
         (new,) = stub.Update(
             pb.UpdateRequest(created=[pb.Task(group="after-fuzz")]), timeout=10, metadata=metadata

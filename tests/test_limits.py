@@ -209,6 +209,7 @@ def _waiting(server: BackgroundServer, count: int) -> None:
     while server.call(lambda s: s.waiters.count) != count:
         assert time.monotonic() < deadline, f"expected {count} waiting Queries"
         time.sleep(0.01)
+    server.call(lambda s: (s.waiters._check(), s.admission._check()))
 
 
 def test_waiting_queries_per_connection_and_in_total(

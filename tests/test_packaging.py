@@ -18,7 +18,7 @@ from masstasker.server.healthcheck import check, default_target
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# API.md's table: (message, field) -> (number, type, label). Never renumber or retype.
+# docs/api.md's table: (message, field) -> (number, type, label). Never renumber or retype.
 WIRE = {
     ("Task", "id"): (1, F.TYPE_UINT64),
     ("Task", "group"): (2, F.TYPE_STRING),

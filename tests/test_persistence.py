@@ -19,14 +19,14 @@ from google.protobuf import any_pb2
 from masstasker._pb import masstasker_pb2 as pb
 from masstasker._pb import masstasker_pb2_grpc as pb_grpc
 from masstasker.server import BackgroundServer, Settings
-from masstasker.server import persistence as persistence_module
-from masstasker.server import wal as wal_module
 from masstasker.server.config import parse_args
-from masstasker.server.persistence import PersistenceError
-from masstasker.server.records import FrameReader, encode_change
-from masstasker.server.snapshot import list_snapshots
-from masstasker.server.store import StoredTask
-from masstasker.server.wal import SEGMENT_HEADER_SIZE, list_segments
+from masstasker.server.durability import PersistenceError
+from masstasker.server.durability import persistence as persistence_module
+from masstasker.server.durability import writer as wal_module
+from masstasker.server.durability.files import SEGMENT_HEADER_SIZE, FrameReader, list_segments
+from masstasker.server.durability.records import encode_change
+from masstasker.server.durability.snapshot import list_snapshots
+from masstasker.server.stores.memory.store import StoredTask
 
 NANOS = 1_000_000_000
 REPO = Path(__file__).resolve().parent.parent
@@ -37,6 +37,8 @@ State = tuple[list[tuple[int, str, int, bytes, Any]], int]
 def _state(server: BackgroundServer) -> State:
     def read(s: Any) -> State:
         s.store._check()
+        if s.persistence is not None:
+            s.persistence._check()
         tasks = [(t.id, t.group, t.not_before, t.body, t.labels) for t in s.store.all_tasks()]
         return tasks, s.store.next_id
 
@@ -231,7 +233,7 @@ def test_torn_tail_is_discarded_with_a_warning(
     size = segment.stat().st_size
     with open(segment, "ab") as file:
         file.write(tail(_extra_record()))
-    with caplog.at_level(logging.WARNING, "masstasker.server.persistence"):
+    with caplog.at_level(logging.WARNING, "masstasker.server.durability"):
         server = durable()
     assert _state(server) == states[-1]
     assert f"{segment}: discarding a torn tail" in caplog.text
@@ -381,7 +383,7 @@ def test_a_failed_sync_is_never_acknowledged(
 
     monkeypatch.setattr(wal_module, "_datasync", broken)
     channel, stub = _stub(server)
-    with channel, caplog.at_level(logging.CRITICAL, "masstasker.server.wal"):
+    with channel, caplog.at_level(logging.CRITICAL, "masstasker.server.durability.writer"):
         with pytest.raises(grpc.RpcError) as info:
             stub.Update(pb.UpdateRequest(created=[pb.Task(group="g")]), timeout=10)
         assert info.value.code() == grpc.StatusCode.DATA_LOSS
@@ -415,7 +417,7 @@ def test_a_failed_snapshot_keeps_the_log(
     monkeypatch.setattr(persistence_module, "write_snapshot", disk_full)
     server = durable(snapshot_min_log_bytes=1)
     channel, stub = _stub(server)
-    with channel, caplog.at_level(logging.ERROR, "masstasker.server.persistence"):
+    with channel, caplog.at_level(logging.ERROR, "masstasker.server.durability"):
         for i in range(20):  # the log grows, the state does not: snapshots are due
             (task_id,) = stub.Update(pb.UpdateRequest(created=[pb.Task(group="g", data=_payload(str(i)))])).created_ids
             if i % 2:

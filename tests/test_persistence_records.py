@@ -10,11 +10,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from masstasker.server.convert import MAX_TIMESTAMP_NS, MIN_TIMESTAMP_NS
-from masstasker.server.persistence import _Replay
-from masstasker.server.records import (
+from masstasker.server.durability.files import CorruptFile, FrameReader
+from masstasker.server.durability.records import (
     BadFrame,
-    CorruptFile,
-    FrameReader,
     decode_change,
     decode_tasks,
     encode_change,
@@ -22,7 +20,17 @@ from masstasker.server.records import (
     frame,
     parse_frame_header,
 )
-from masstasker.server.store import MAX_ID, BadRequest, GroupRef, IdRef, NotFound, Store, StoredTask, TaskSpec
+from masstasker.server.durability.recovery import _Replay
+from masstasker.server.stores.memory.store import (
+    MAX_ID,
+    BadRequest,
+    GroupRef,
+    IdRef,
+    NotFound,
+    Store,
+    StoredTask,
+    TaskSpec,
+)
 
 labels = st.none() | st.lists(st.tuples(st.text(), st.text()), min_size=1, max_size=4).map(lambda p: tuple(sorted(p)))
 tasks = st.builds(

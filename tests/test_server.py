@@ -1,10 +1,13 @@
-"""Every rule and status code of API.md, end to end over gRPC on 127.0.0.1."""
+"""Every rule and status code of docs/api.md, end to end over gRPC on 127.0.0.1."""
 
 from __future__ import annotations
 
+import socket
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import grpc
 import pytest
@@ -14,7 +17,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from masstasker._pb import masstasker_pb2 as pb
 from masstasker._pb import masstasker_pb2_grpc as pb_grpc
-from masstasker.server import BackgroundServer
+from masstasker.server import BackgroundServer, Settings
 
 Code = grpc.StatusCode
 T0 = 1_700_000_000  # a fixed "now" in seconds, passed in requests
@@ -85,6 +88,38 @@ def test_unset_not_before_is_the_server_now(stub: pb_grpc.MassTaskerStub) -> Non
     # The server clock is real: the task is visible now, not in the future.
     assert stub.Query(pb.QueryRequest(group="g")).task.id == task.id
     assert task.not_before.seconds > T0
+
+
+def test_one_clock_for_the_store_and_queries() -> None:
+    """A server whose clock is an hour ahead of the system's: a Query without ``now`` reads the server's clock.
+
+    The store stamps a new task with that clock; a Query that read the system clock instead saw nothing.
+    """
+    hour = 3600 * 10**9
+    server = BackgroundServer(Settings(port=0, listen_http=""), clock=lambda: time.time_ns() + hour)
+    with server, grpc.insecure_channel(server.target) as channel:
+        stub = pb_grpc.MassTaskerStub(channel)
+        [task_id] = create(stub, pb.Task(group="g"))
+        assert stub.Query(pb.QueryRequest(group="g")).task.id == task_id
+        owned = stub.Query(pb.QueryRequest(group="g", own_for=dur(60))).task
+        assert owned.not_before.ToNanoseconds() > time.time_ns() + hour + 59 * 10**9, "leased on the server's clock"
+
+
+def test_a_failed_start_releases_what_it_had_started(tmp_path: Path) -> None:
+    """Metrics cannot bind after the data directory was opened: the start fails and gives the directory back."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = f"127.0.0.1:{taken.getsockname()[1]}"
+        failed = BackgroundServer(Settings(port=0, listen_http=busy, data_dir=str(tmp_path)))
+        try:
+            with pytest.raises(OSError, match="cannot serve metrics"):
+                failed.start()
+        finally:
+            failed.stop()
+    # The directory's lock was released: another server can use it.
+    with BackgroundServer(Settings(port=0, listen_http="", data_dir=str(tmp_path))) as server:
+        assert server.call(lambda s: s.persistence is not None)
 
 
 def test_predicate_is_checked_before_delete(stub: pb_grpc.MassTaskerStub) -> None:

@@ -141,7 +141,7 @@ def test_client_factory_fixtures_take_options(
     assert task.not_before.ToDatetime(tzinfo=UTC) == masstasker_clock.now()
     async_client = masstasker_async_client_factory(clock=masstasker_clock)
     assert async_client.clock is masstasker_clock
-    assert asyncio.run(async_client.query("g")) == task
+    assert asyncio.run(async_client.peek("g")) == task
 
 
 def test_server_process_fixture_serves_end_to_end(masstasker_server_process: Any) -> None:
@@ -191,4 +191,60 @@ def test_the_readme_worker_loop_does_what_it_says(masstasker_client: Client, mas
     assert [unpack_data(t, pb.Test).foo for t in done] == ["1764"]
     errors = masstasker_client.rpc.Debug(pb.DebugRequest(group="errors")).tasks
     assert [t.error for t in errors] == ["invalid literal for int() with base 10: 'forty-two'"]
-    assert masstasker_client.query_many("work", 10, wait=False) == []
+    assert masstasker_client.peek_many("work", 10, wait=False) == []
+
+
+# A user's project with its own bindings of the Go project's masstasker.proto: the same proto package and
+# message names as ours, so loading both into one process fails with "duplicate symbol".
+USER_PROTO = """
+syntax = "proto3";
+package masstasker;
+message Task {
+  uint64 id = 1;
+  string group = 2;
+}
+"""
+
+USER_TEST = """
+import masstasker_pb2
+
+
+def test_own_bindings_work():
+    assert masstasker_pb2.Task(id=7, group="g").SerializeToString()
+
+
+def test_the_plugin_is_loaded(request):
+    assert request.config.pluginmanager.has_plugin("masstasker")
+"""
+
+
+def test_the_plugin_leaves_a_projects_own_masstasker_bindings_alone(tmp_path: Path) -> None:
+    """Registered for every test run, the plugin must not load our protobuf descriptors until a fixture asks."""
+    from grpc_tools import protoc
+
+    (tmp_path / "masstasker.proto").write_text(USER_PROTO)
+    assert protoc.main(["protoc", f"-I{tmp_path}", f"--python_out={tmp_path}", str(tmp_path / "masstasker.proto")]) == 0
+    (tmp_path / "test_user.py").write_text(USER_TEST)
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, *args], cwd=tmp_path, capture_output=True, text=True, timeout=50, check=False
+        )
+
+    # The clash is real: with our bindings loaded, the user's cannot be.
+    clash = run("-c", "import masstasker.client, masstasker_pb2")
+    assert clash.returncode != 0 and "duplicate" in clash.stderr.lower(), clash.stderr
+    finished = run("-m", "pytest", "-q", "-p", "no:cacheprovider", "-W", "error", str(tmp_path))
+    assert finished.returncode == 0, finished.stdout + finished.stderr
+    assert "2 passed" in finished.stdout
+
+
+def test_importing_the_package_or_the_plugin_loads_no_bindings() -> None:
+    probe = (
+        "import sys, masstasker, masstasker.pytest_plugin\n"
+        "print(sorted(m for m in sys.modules if m.startswith(('masstasker.', 'grpc'))))\n"
+        "from masstasker import Client, pb\n"  # the public names still work, loaded on first use
+        "print(Client.__name__, pb.Task.DESCRIPTOR.full_name)\n"
+    )
+    finished = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=50, check=True)
+    assert finished.stdout.splitlines() == ["['masstasker.pytest_plugin']", "Client masstasker.Task"]

@@ -14,7 +14,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from masstasker._pb import masstasker_pb2 as pb
 from masstasker._pb import masstasker_pb2_grpc as pb_grpc
-from masstasker.server import BackgroundServer
+from masstasker.server import BackgroundServer, Server
 from masstasker.testing import run_server_process
 
 Code = grpc.StatusCode
@@ -35,15 +35,30 @@ def run(server: BackgroundServer, body: Callable[[pb_grpc.MassTaskerStub], Await
         async with grpc.aio.insecure_channel(server.target) as channel:
             return await asyncio.wait_for(body(pb_grpc.MassTaskerStub(channel)), 30)
 
-    return asyncio.run(main())
+    result = asyncio.run(main())
+    if server.server is not None:  # still running
+        check_waiters(server)
+    return result
+
+
+def check_waiters(server: BackgroundServer) -> None:
+    """Assert the invariants of the server's waiting Queries (they hold between any two event-loop steps)."""
+
+    def check(s: Server) -> None:
+        s.waiters._check()
+        s.admission._check()
+        assert s.admission.total == s.waiters.count, "every waiting Query was admitted, and holds one slot"
+
+    server.call(check)
 
 
 async def until_waiting(server: BackgroundServer, count: int) -> None:
-    """Return once the server holds exactly ``count`` waiting Queries (polled, bounded)."""
+    """Return once the server holds exactly ``count`` waiting Queries (polled, bounded); check the invariants."""
     deadline = time.monotonic() + 10
     while server.call(lambda s: s.waiters.count) != count:
         assert time.monotonic() < deadline, f"never reached {count} waiters"
         await asyncio.sleep(0.005)
+    check_waiters(server)
 
 
 def wakeups(server: BackgroundServer) -> int:

@@ -20,7 +20,7 @@ from masstasker.client._ops import (
     pack_data,
     unpack_data,
 )
-from masstasker.client._time import Clock, Seconds, SystemClock
+from masstasker.client._time import AdvancingClock, Clock, Seconds, SystemClock
 from masstasker.client.aio import AsyncClient
 from masstasker.client.errors import (
     Cancelled,
@@ -43,6 +43,7 @@ __all__ = [
     "DEFAULT_HEARTBEAT",
     "DEFAULT_OWN_FOR",
     "DEFAULT_QUERY_RETRY_PAUSE",
+    "AdvancingClock",
     "AsyncClient",
     "Cancelled",
     "Client",

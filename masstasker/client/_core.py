@@ -1,7 +1,8 @@
 """The client's logic, written once and run by both drivers (``Client`` and ``AsyncClient``).
 
 Each operation is a generator ("flow") that yields the I/O it needs as plain values: ``Call`` (make one
-unary RPC and send back the response, or throw in the mapped ``StatusError``), ``Pause`` (wait a real
+unary RPC and send back the response, or throw in the mapped ``StatusError`` — or ``ClockAdvanced`` when
+a waiting Query was cut short because a fake clock moved), ``Pause`` (wait a real
 time, e.g. before retrying) and ``Tick`` (the lease heartbeat's wait, timed on the client's clock and
 cut short when the lease is released). The drivers in ``sync.py`` and ``aio.py`` only know how to do
 those three things, blocking or with ``await``; everything else — request building, retries, deadline
@@ -10,18 +11,30 @@ bookkeeping, ID write-back, lease renewal — lives here, with no I/O, the way h
 
 from __future__ import annotations
 
+import os
 import random
 import time
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any, Literal, TypeAlias, TypeVar
 
 import grpc
 from google.protobuf.message import Message
 
 from masstasker._pb import masstasker_pb2 as pb
-from masstasker.client._ops import Delete, Disown, Move, Op, Reown, UpdatePlan, build_update, error_text
+from masstasker.client._ops import (
+    Delete,
+    Disown,
+    Move,
+    Op,
+    Reown,
+    UpdatePlan,
+    build_update,
+    check_group,
+    check_task,
+    error_text,
+)
 from masstasker.client._time import Clock, Seconds, SystemClock, to_duration, to_seconds, to_timestamp
 from masstasker.client.errors import (
     DeadlineExceeded,
@@ -37,8 +50,10 @@ __all__ = [
     "DEFAULT_OWN_FOR",
     "DEFAULT_QUERY_RETRY_PAUSE",
     "MAX_QUERY_TASKS",
+    "TARGET_ENV",
     "Call",
     "ClientBase",
+    "ClockAdvanced",
     "Flow",
     "Lease",
     "Pause",
@@ -49,6 +64,7 @@ __all__ = [
     "heartbeat_flow",
     "optional_seconds",
     "query_flow",
+    "resolve_target",
 ]
 
 T = TypeVar("T")
@@ -62,6 +78,25 @@ DEFAULT_QUERY_RETRY_PAUSE = 5.0
 client's value, which keeps thousands of idle workers from hammering a Go server that cannot wait."""
 MAX_QUERY_TASKS = 2**32 - 1
 """``QueryRequest.max_tasks`` is a uint32."""
+TARGET_ENV = "MASSTASKER_TARGET"
+"""The environment variable a client dials when it is given no target."""
+
+
+def resolve_target(target: object, environ: Mapping[str, str] = os.environ) -> str:
+    """The address to dial: ``target``, or ``$MASSTASKER_TARGET`` when it is None.
+
+    Checked here, at construction, because gRPC would accept anything and fail only at the first call
+    (an empty target as ``StatusError UNKNOWN``, with its own log lines on stderr).
+    """
+    if target is None:
+        target = environ.get(TARGET_ENV, "").strip()
+        if not target:
+            raise TypeError(f"no server to dial: pass a target such as 'host:port' or set {TARGET_ENV}")
+    if not isinstance(target, str):
+        raise TypeError(f"target must be a str such as 'host:port', got {target!r}")
+    if not target.strip():
+        raise ValueError("target must name a server, such as 'host:port' or 'unix:/path', got an empty string")
+    return target
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +106,14 @@ class Call:
     method: Literal["Update", "Query", "BulkSet", "Debug"]
     request: Message
     timeout: float | None
+    stamped: datetime | None = None
+    """For a waiting Query, the clock time in its ``now``. A driver whose clock can jump (``AdvancingClock``,
+    such as ``FakeClock``) cancels the call when the clock moves on from it and throws ``ClockAdvanced``:
+    the server times the wait from that ``now``, so it would otherwise follow real time."""
+
+
+class ClockAdvanced(Exception):  # a signal between driver and flow, not an error
+    """Thrown into a query flow when its clock moved while a waiting Query was in flight: ask again now."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,10 +161,15 @@ def query_flow(
     """``query``/``query_many``: the visible head(s) of ``group``, owned for ``own_for`` if it is positive.
 
     With ``wait``, a server that answers NOT_FOUND or DEADLINE_EXCEEDED instead of waiting (the Go
-    server, for an empty group) is asked again after ``retry_pause``, until ``timeout`` (real seconds,
-    overall) runs out; then ``DeadlineExceeded`` is raised. Without ``wait``, nothing visible raises
-    ``TaskNotFound`` at once — or, for ``many`` (``query_many``), returns an empty list.
+    server, for an empty group), or OK with no task (the Go server, when a task's ``not_before`` equals
+    ``now``), is asked again after ``retry_pause``, until ``timeout`` (real seconds, overall) runs out;
+    then ``DeadlineExceeded`` is raised. A wait cut short by the clock jumping (``ClockAdvanced``) is asked
+    again at once, with the new ``now``. Without ``wait``, nothing visible raises ``TaskNotFound`` at once
+    — or, for ``many`` (``query_many``), returns an empty list.
     """
+    check_group(group)
+    if not isinstance(max_tasks, int) or isinstance(max_tasks, bool):
+        raise TypeError(f"max_tasks must be an int, got {max_tasks!r}")
     if not 1 <= max_tasks <= MAX_QUERY_TASKS:
         raise ValueError(f"max_tasks must be between 1 and {MAX_QUERY_TASKS}, got {max_tasks}")
     own_for_pb = to_duration(own_for, name="own_for")
@@ -134,18 +182,20 @@ def query_flow(
         left = remaining()
         if left is not None and left <= 0:
             raise DeadlineExceeded(grpc.StatusCode.DEADLINE_EXCEEDED, f"no task in group {group!r} within {timeout}s")
+        now = clock.now()  # re-read on every attempt: a retry must not ask about the past
         request = pb.QueryRequest(
             group=group,
             own_for=own_for_pb,
-            # Re-stamped on every attempt: a retry must not ask about the past.
-            now=to_timestamp(clock.now()),
+            now=to_timestamp(now, name="the clock's now()"),
             wait=wait,
             # 0 keeps the request byte-identical to Go's for the common single-task case.
             max_tasks=max_tasks if max_tasks > 1 else 0,
         )
         pause = retry_pause
         try:
-            response: pb.QueryResponse = yield Call("Query", request, left)
+            response: pb.QueryResponse = yield Call("Query", request, left, stamped=now if wait else None)
+        except ClockAdvanced:
+            continue  # what the server waits for may be visible at the new time: ask again now
         except TaskNotFound:
             if not wait:
                 if many:
@@ -164,9 +214,12 @@ def query_flow(
         else:
             # A server that ignores max_tasks (Go) fills in only `task`.
             tasks = list(response.tasks) or ([response.task] if response.HasField("task") else [])
-            if not tasks and not many:
+            if tasks or (many and not wait):
+                return tasks
+            if not wait:
                 raise TaskNotFound(grpc.StatusCode.NOT_FOUND, f"the server returned no task for group {group!r}")
-            return tasks
+            # OK and empty: the Go server's answer when a task becomes visible exactly at `now`. It did not
+            # wait, so this is its NOT_FOUND by another name: pause and ask again, as for that.
         # Only a waiting query gets here: the server gave up instead of waiting, or asked us to come back.
         left = remaining()
         yield Pause(pause if left is None else max(0.0, min(pause, left)))
@@ -178,6 +231,10 @@ def commit_or_move_ops(task: pb.Task, exc: BaseException | None, error_group: st
     No error: delete the task. A saved error and an ``error_group``: move the task there with ``error``
     set. Anything else: disown the task (so another worker retries it soon) and raise ``exc``.
     """
+    check_task(task)
+    check_group(error_group, name="error_group")
+    if exc is not None and not isinstance(exc, BaseException):
+        raise TypeError(f"exc must be an exception or None, got {exc!r}")
     if exc is None:
         return Delete(task), None
     if error_group and is_saved_error(exc):
@@ -199,7 +256,7 @@ class Lease:
         if not 0 < self.heartbeat < self.own_for:
             # A heartbeat at or beyond own_for lets the lease lapse between renewals.
             raise ValueError(f"need 0 < heartbeat ({self.heartbeat}s) < own_for ({self.own_for}s)")
-        if task.id == 0:
+        if check_task(task).id == 0:
             raise ValueError("run_with_lease needs a task the server gave you (it has no ID)")
         self.task = task
         self.held = pb.Task()

@@ -30,6 +30,8 @@ __all__ = [
     "Update",
     "UpdatePlan",
     "build_update",
+    "check_group",
+    "check_task",
     "delete_or_move",
     "error_text",
     "new_task",
@@ -43,6 +45,30 @@ Task = pb.Task
 M = TypeVar("M", bound=Message)
 
 
+def check_group(group: object, *, name: str = "group") -> str:
+    """``group`` if it is a ``str``; ``TypeError`` otherwise.
+
+    ``None`` in particular would reach the wire as the group ``""`` — a worker whose group came from an unset
+    setting would wait on the wrong group forever — so it is refused rather than converted.
+    """
+    if not isinstance(group, str):
+        raise TypeError(f"{name} must be a str (a group name), got {group!r}")
+    return group
+
+
+def check_task(task: object, *, name: str = "task") -> pb.Task:
+    """``task`` if it is a ``Task``; ``TypeError`` otherwise (rather than an error from protobuf's insides)."""
+    if not isinstance(task, pb.Task):
+        raise TypeError(f"{name} must be a Task (from new_task() or a query), got {type(task).__name__}: {task!r}")
+    return task
+
+
+def _check_message(data: object, *, name: str) -> Message:
+    if not isinstance(data, Message):
+        raise TypeError(f"{name} must be a protobuf message (e.g. pb.Test(...)), got {type(data).__name__}")
+    return data
+
+
 def new_task(
     group: str,
     data: Message | None = None,
@@ -53,25 +79,31 @@ def new_task(
     """A new, not yet created task in ``group`` with ``data`` packed into its ``Any`` payload.
 
     Without ``not_before`` the client stamps its clock's now when the task is created (visible at once).
+    ``not_before`` must be timezone-aware (``ValueError`` for a naive datetime, which could mean any zone).
     """
-    task = pb.Task(group=group, labels=dict(labels or {}))
+    task = pb.Task(group=check_group(group), labels=dict(labels or {}))
     if data is not None:
-        pack_data(task, data)
+        pack_data(task, _check_message(data, name="data"))
     if not_before is not None:
-        task.not_before.CopyFrom(to_timestamp(not_before))
+        task.not_before.CopyFrom(to_timestamp(not_before, name="not_before"))
     return task
 
 
 def pack_data(task: pb.Task, data: Message) -> None:
     """Store ``data`` as the task's payload (``Any.Pack``), replacing any previous one."""
-    task.data.Pack(data)
+    check_task(task).data.Pack(_check_message(data, name="data"))
 
 
 def unpack_data(task: pb.Task, into: type[M] | M) -> M:
     """The task's payload as a message: pass the message class (a new instance is returned) or an instance
     to fill in. Raises ``TypeError`` if the payload holds another message type (or none)."""
-    message = into() if isinstance(into, type) else into
-    if not task.data.Unpack(message):
+    if isinstance(into, type) and issubclass(into, Message):
+        message = into()
+    elif isinstance(into, Message):
+        message = into
+    else:
+        raise TypeError(f"into must be a protobuf message class or instance (e.g. pb.Test), got {into!r}")
+    if not check_task(task).data.Unpack(message):
         held = task.data.type_url or "no payload"
         raise TypeError(f"task {task.id} holds {held}, not {message.DESCRIPTOR.full_name}")
     return message
@@ -99,12 +131,12 @@ class UpdatePlan:
             if value is None:
                 copy.ClearField(name)  # type: ignore[arg-type]
             elif isinstance(value, datetime):
-                getattr(copy, name).CopyFrom(to_timestamp(value))
+                getattr(copy, name).CopyFrom(to_timestamp(value, name=name))
             else:
                 setattr(copy, name, value)
         if not copy.HasField("not_before"):
             # The client's clock, not the server's, so that a fake clock governs visibility end to end.
-            copy.not_before.CopyFrom(to_timestamp(self.now))
+            copy.not_before.CopyFrom(to_timestamp(self.now, name="the clock's now()"))
         self._targets.append(task)
 
     def delete(self, task: pb.Task) -> None:
@@ -138,7 +170,8 @@ class Op:
     __slots__ = ("tasks",)
 
     def __init__(self, *tasks: pb.Task) -> None:
-        self.tasks: tuple[pb.Task, ...] = tasks
+        name = type(self).__name__
+        self.tasks: tuple[pb.Task, ...] = tuple(check_task(t, name=f"{name}() argument") for t in tasks)
 
     def add_to(self, plan: UpdatePlan) -> None:
         """Add this op's part to ``plan``."""
@@ -196,7 +229,9 @@ class Move(Op):
 
     def __init__(self, group: str, *tasks: pb.Task, error: str | None = None) -> None:
         super().__init__(*tasks)
-        self.group = group
+        self.group = check_group(group, name="Move() group")
+        if error is not None and not isinstance(error, str):
+            raise TypeError(f"Move() error must be a str or None, got {error!r}")
         self.error = error
 
     def add_to(self, plan: UpdatePlan) -> None:
@@ -267,6 +302,9 @@ def delete_or_move(error_group: str, *tasks: pb.Task) -> Callable[[BaseException
     message; anything else, including ``None``, gives ``Delete(task)``. Decide first whether a non-saved
     error should be retried: then do not commit at all and let the lease expire (or ``Disown``).
     """
+
+    check_group(error_group, name="error_group")
+    tasks = tuple(check_task(t, name="delete_or_move() argument") for t in tasks)
 
     def decide(exc: BaseException | None) -> Op:
         if exc is not None and is_saved_error(exc):

@@ -12,10 +12,10 @@ from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
 __all__ = [
+    "AdvancingClock",
     "Clock",
     "Seconds",
     "SystemClock",
-    "from_timestamp",
     "to_duration",
     "to_seconds",
     "to_timestamp",
@@ -49,6 +49,22 @@ class Clock(Protocol):
         ...
 
 
+@runtime_checkable
+class AdvancingClock(Protocol):
+    """A clock that can jump forward, such as ``masstasker.testing.FakeClock``, and says when it does.
+
+    The server times a waiting Query from the request's ``now``, in real time: a query that waits for a
+    lease to expire at ``now + 30s`` would wait 30 real seconds even if the test moves the clock past that
+    at once. A client whose clock has this method cancels such a wait when the clock moves and asks again
+    with the new ``now``. The real clock does not need it: it never jumps.
+    """
+
+    def on_advance(self, callback: Callable[[], None]) -> Callable[[], None]:
+        """Call ``callback()`` (from the advancing thread, holding no lock) after each time the clock moves
+        forward, until the returned function is called."""
+        ...
+
+
 class SystemClock:
     """The real clock: wall time for timestamps, real waiting."""
 
@@ -70,7 +86,13 @@ class SystemClock:
 
 def to_seconds(value: Seconds, *, name: str = "duration") -> float:
     """``value`` in seconds; rejects negative durations, which mean nothing to the server."""
-    seconds = value.total_seconds() if isinstance(value, timedelta) else float(value)
+    if isinstance(value, timedelta):
+        seconds = value.total_seconds()
+    elif isinstance(value, int | float) and not isinstance(value, bool):
+        seconds = float(value)
+    else:
+        # Caught here rather than by float(): "30" or None is a mistake to name, not to convert.
+        raise TypeError(f"{name} must be seconds (a number or a timedelta), got {value!r}")
     if not seconds >= 0:  # also rejects NaN
         raise ValueError(f"{name} must be a non-negative duration, got {value!r}")
     return seconds
@@ -83,13 +105,21 @@ def to_duration(value: Seconds, *, name: str = "duration") -> Duration:
     return duration
 
 
-def to_timestamp(value: datetime) -> Timestamp:
-    """A protobuf Timestamp; a naive datetime is taken as UTC, as protobuf does."""
+def to_timestamp(value: datetime, *, name: str = "time") -> Timestamp:
+    """A protobuf Timestamp for an aware ``datetime``.
+
+    A naive datetime is refused with ``ValueError``: protobuf would read it as UTC, so
+    ``datetime.now() + delta`` in Tokyo would land nine hours late, and reading it as local time instead
+    would make the same code mean different instants on different machines. Pass an aware one, such as
+    ``datetime.now(UTC)`` or ``datetime.now().astimezone()``.
+    """
+    if not isinstance(value, datetime):
+        raise TypeError(f"{name} must be a datetime, got {type(value).__name__}")
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise ValueError(
+            f"{name} must be a timezone-aware datetime (e.g. datetime.now(UTC) or "
+            f"datetime.now().astimezone()), got the naive {value.isoformat()}"
+        )
     timestamp = Timestamp()
     timestamp.FromDatetime(value)
     return timestamp
-
-
-def from_timestamp(value: Timestamp) -> datetime:
-    """A timezone-aware UTC datetime for a protobuf Timestamp."""
-    return value.ToDatetime(tzinfo=UTC)

@@ -20,15 +20,17 @@ from masstasker.client._core import (
     DEFAULT_QUERY_RETRY_PAUSE,
     Call,
     ClientBase,
+    ClockAdvanced,
     Flow,
     Lease,
     Pause,
     Tick,
     commit_or_move_ops,
     heartbeat_flow,
+    resolve_target,
 )
 from masstasker.client._ops import Create, Delete, Disown, Move, Op, Pred, Reown, Update
-from masstasker.client._time import Clock, Seconds
+from masstasker.client._time import AdvancingClock, Clock, Seconds
 from masstasker.client.errors import StatusError, from_rpc_error
 
 __all__ = ["AsyncClient"]
@@ -47,7 +49,7 @@ class AsyncClient(ClientBase):
 
     def __init__(
         self,
-        target: str,
+        target: str | None = None,
         *,
         credentials: grpc.ChannelCredentials | None = None,
         token: str | None = None,
@@ -56,8 +58,8 @@ class AsyncClient(ClientBase):
         query_retry_pause: Seconds = DEFAULT_QUERY_RETRY_PAUSE,
         wait_for_ready: bool = False,
     ) -> None:
-        """Remember how to dial ``target``; the options are those of ``Client``."""
-        self.target = target
+        """Remember how to dial ``target`` (checked now); the options are those of ``Client``."""
+        self.target = resolve_target(target)
         self._credentials = credentials
         bearer = resolve_token(token)  # now, so a bad MASSTASKER_TOKEN fails here and not at the first call
         # Typed loosely: the stubs type aio interceptors as a placeholder.
@@ -130,7 +132,7 @@ class AsyncClient(ClientBase):
     async def _run(self, flow: Flow[T], tick: Callable[[float], Awaitable[bool]] | None = None) -> T:
         """Run ``flow``, awaiting the I/O it asks for; ``tick`` waits a heartbeat and says whether to go on."""
         reply: Any = None
-        error: StatusError | None = None
+        error: StatusError | ClockAdvanced | None = None
         while True:
             try:
                 step = flow.send(reply) if error is None else flow.throw(error)
@@ -139,11 +141,12 @@ class AsyncClient(ClientBase):
                 return result
             reply, error = None, None
             if isinstance(step, Call):
-                method = getattr(self.rpc, step.method)
                 try:
-                    reply = await method(step.request, timeout=step.timeout, wait_for_ready=self.wait_for_ready)
+                    reply = await self._call(step)
                 except grpc.RpcError as exc:
                     error = from_rpc_error(exc)
+                except ClockAdvanced as exc:
+                    error = exc
             elif isinstance(step, Pause):
                 await asyncio.sleep(step.seconds)
             elif isinstance(step, Tick) and tick is not None:
@@ -152,6 +155,37 @@ class AsyncClient(ClientBase):
                     return None  # type: ignore[return-value]  # only heartbeat flows tick, and they return None
             else:
                 raise TypeError(f"unexpected step {step!r}")
+
+    async def _call(self, step: Call) -> Any:
+        """Make one call; a waiting Query on a clock that can jump is cancelled when it does (see ``Client``)."""
+        call = getattr(self.rpc, step.method)(step.request, timeout=step.timeout, wait_for_ready=self.wait_for_ready)
+        clock = self.clock
+        if step.stamped is None or not isinstance(clock, AdvancingClock):
+            return await call
+        loop = asyncio.get_running_loop()
+        moved = False
+
+        def cancel() -> None:
+            nonlocal moved
+            moved = True
+            call.cancel()
+
+        def on_advance() -> None:  # on the advancing thread, maybe not this loop's
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nothing is waiting any more
+                loop.call_soon_threadsafe(cancel)
+
+        stop_listening = clock.on_advance(on_advance)
+        try:
+            if clock.now() != step.stamped:
+                cancel()  # it moved between stamping the request and listening
+            return await call
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if moved and (task is None or task.cancelling() == 0):
+                raise ClockAdvanced from None
+            raise  # our caller cancelled us
+        finally:
+            stop_listening()
 
     async def _beat(self, lease: Lease, released: asyncio.Event) -> None:
         """The heartbeat task: renew until released; record why it stopped early, if it did."""
@@ -180,9 +214,9 @@ class AsyncClient(ClientBase):
         await self._run(self._do_flow(ops, timeout))
 
     async def query(
-        self, group: str, own_for: Seconds = 0, *, wait: bool = True, timeout: Seconds | None = None
+        self, group: str, own_for: Seconds, *, wait: bool = True, timeout: Seconds | None = None
     ) -> pb.Task:
-        """The head of ``group``, leased for ``own_for`` if positive; see ``Client.query``."""
+        """The head of ``group``, leased for ``own_for`` (required; 0 peeks); see ``Client.query``."""
         flow = self._query_flow(group, own_for, wait=wait, max_tasks=1, many=False, timeout=timeout)
         return (await self._run(flow))[0]
 
@@ -190,7 +224,7 @@ class AsyncClient(ClientBase):
         self,
         group: str,
         max_tasks: int,
-        own_for: Seconds = 0,
+        own_for: Seconds,
         *,
         wait: bool = True,
         timeout: Seconds | None = None,
@@ -200,24 +234,38 @@ class AsyncClient(ClientBase):
             self._query_flow(group, own_for, wait=wait, max_tasks=max_tasks, many=True, timeout=timeout)
         )
 
+    async def peek(self, group: str, *, wait: bool = True, timeout: Seconds | None = None) -> pb.Task:
+        """The head of ``group`` without leasing it; see ``Client.peek``."""
+        flow = self._query_flow(group, 0, wait=wait, max_tasks=1, many=False, timeout=timeout)
+        return (await self._run(flow))[0]
+
+    async def peek_many(
+        self, group: str, max_tasks: int, *, wait: bool = True, timeout: Seconds | None = None
+    ) -> list[pb.Task]:
+        """Up to ``max_tasks`` visible tasks from the head of ``group`` without leasing them."""
+        return await self._run(self._query_flow(group, 0, wait=wait, max_tasks=max_tasks, many=True, timeout=timeout))
+
     async def run_with_lease(
         self,
         task: pb.Task,
-        fn: Callable[[pb.Task], Awaitable[T]],
+        fn: Callable[[pb.Task, asyncio.Event], Awaitable[T]],
         *,
         heartbeat: Seconds = DEFAULT_HEARTBEAT,
         own_for: Seconds = DEFAULT_OWN_FOR,
     ) -> T:
-        """Run ``await fn(task)`` while a heartbeat task renews the lease every ``heartbeat`` (each renewal owns
-        it for ``own_for`` more), and return its result.
+        """Run ``await fn(task, lost)`` while a heartbeat task renews the lease every ``heartbeat`` (each renewal
+        owns it for ``own_for`` more), and return its result — the same call as ``Client.run_with_lease``.
 
         Afterwards — also when ``fn`` raises or this call is cancelled — ``task`` carries the current ID. If a
-        renewal finds that someone else owns the task, ``fn`` is cancelled and ``LeaseLost`` is raised.
+        renewal finds that someone else owns the task, the ``asyncio.Event`` ``lost`` is set, ``fn`` is
+        cancelled (asyncio's way to stop work, so work need not poll ``lost``) and ``LeaseLost`` is raised.
         Commit after this returns, not inside ``fn`` (see ``Client.run_with_lease``).
         """
         lease = self._lease(task, heartbeat, own_for)
         released = asyncio.Event()
-        work = asyncio.ensure_future(fn(task))  # first: if fn is not a coroutine function, nothing is left running
+        lost = asyncio.Event()
+        # The work first: if fn is not a coroutine function, nothing is left running.
+        work = asyncio.ensure_future(fn(task, lost))
         beat = asyncio.ensure_future(self._beat(lease, released))
         try:
             await asyncio.wait({work, beat}, return_when=asyncio.FIRST_COMPLETED)
@@ -225,6 +273,8 @@ class AsyncClient(ClientBase):
             # The heartbeat ends early only when it cannot renew; work on a lost lease is wasted. (Also
             # reached when this call is cancelled: the work goes with it.)
             if not work.done():
+                if lease.error is not None:
+                    lost.set()  # before the cancellation, so cleanup in the work can tell why
                 work.cancel()
                 await asyncio.wait({work})
             released.set()
@@ -239,39 +289,48 @@ class AsyncClient(ClientBase):
 
     # -- one-liners over do(), as the Go client's (deprecated there) methods ----------------------------------
 
-    async def create(self, *tasks: pb.Task) -> None:
+    # Each takes ``timeout`` (real seconds for the one Update) as ``do`` does.
+
+    async def create(self, *tasks: pb.Task, timeout: Seconds | None = None) -> None:
         """Create the tasks; each object gets its new ID."""
-        await self.do(Create(*tasks))
+        await self.do(Create(*tasks), timeout=timeout)
 
-    async def update(self, *tasks: pb.Task) -> None:
+    async def update(self, *tasks: pb.Task, timeout: Seconds | None = None) -> None:
         """Replace each task by its current content; each object gets its new ID."""
-        await self.do(Update(*tasks))
+        await self.do(Update(*tasks), timeout=timeout)
 
-    async def delete(self, *tasks: pb.Task) -> None:
+    async def delete(self, *tasks: pb.Task, timeout: Seconds | None = None) -> None:
         """Delete the tasks by ID."""
-        await self.do(Delete(*tasks))
+        await self.do(Delete(*tasks), timeout=timeout)
 
     async def complex_update(
-        self, create: Iterable[pb.Task] = (), delete: Iterable[pb.Task] = (), predicates: Iterable[pb.Task] = ()
+        self,
+        create: Iterable[pb.Task] = (),
+        delete: Iterable[pb.Task] = (),
+        predicates: Iterable[pb.Task] = (),
+        *,
+        timeout: Seconds | None = None,
     ) -> None:
         """Create, delete and check predicates in one atomic Update."""
-        await self.do(Create(*create), Delete(*delete), Pred(*predicates))
+        await self.do(Create(*create), Delete(*delete), Pred(*predicates), timeout=timeout)
 
-    async def move(self, group: str, *tasks: pb.Task) -> None:
+    async def move(self, group: str, *tasks: pb.Task, timeout: Seconds | None = None) -> None:
         """Move the tasks to ``group`` (new IDs)."""
-        await self.do(Move(group, *tasks))
+        await self.do(Move(group, *tasks), timeout=timeout)
 
-    async def disown(self, *tasks: pb.Task) -> None:
+    async def disown(self, *tasks: pb.Task, timeout: Seconds | None = None) -> None:
         """Give up the lease: make the tasks visible again now (new IDs)."""
-        await self.do(Disown(*tasks))
+        await self.do(Disown(*tasks), timeout=timeout)
 
-    async def reown(self, own_for: Seconds, *tasks: pb.Task) -> None:
+    async def reown(self, own_for: Seconds, *tasks: pb.Task, timeout: Seconds | None = None) -> None:
         """Lease the tasks until now + ``own_for`` (new IDs)."""
-        await self.do(Reown(own_for, *tasks))
+        await self.do(Reown(own_for, *tasks), timeout=timeout)
 
-    async def commit_or_move(self, task: pb.Task, exc: BaseException | None, error_group: str) -> None:
+    async def commit_or_move(
+        self, task: pb.Task, exc: BaseException | None, error_group: str, *, timeout: Seconds | None = None
+    ) -> None:
         """See ``Client.commit_or_move``."""
         op, reraise = commit_or_move_ops(task, exc, error_group)
-        await self.do(op)
+        await self.do(op, timeout=timeout)
         if reraise is not None:
             raise reraise

@@ -19,14 +19,16 @@ from masstasker.client._core import (
     DEFAULT_QUERY_RETRY_PAUSE,
     Call,
     ClientBase,
+    ClockAdvanced,
     Flow,
     Pause,
     Tick,
     commit_or_move_ops,
     heartbeat_flow,
+    resolve_target,
 )
 from masstasker.client._ops import Create, Delete, Disown, Move, Op, Pred, Reown, Update
-from masstasker.client._time import Clock, Seconds
+from masstasker.client._time import AdvancingClock, Clock, Seconds
 from masstasker.client.errors import StatusError, from_rpc_error
 
 __all__ = ["Client"]
@@ -37,10 +39,10 @@ T = TypeVar("T")
 class Client(ClientBase):
     """A synchronous MassTasker client that works on ``Task`` objects and keeps their IDs current.
 
-    ``Client("host:port")`` dials an insecure channel (pass ``credentials`` for TLS, ``token`` or
-    ``MASSTASKER_TOKEN`` for a server that wants a bearer token); ``from_channel``
-    wraps one you made. Use it as a context manager or call ``close()``. ``rpc`` is the raw generated
-    stub for anything the high-level methods do not cover (``BulkSet``, ``Debug``).
+    ``Client("host:port")`` dials an insecure channel (``Client()`` dials ``$MASSTASKER_TARGET``); pass
+    ``credentials`` for TLS, ``token`` or ``MASSTASKER_TOKEN`` for a server that wants a bearer token.
+    ``from_channel`` wraps a channel you made. Use it as a context manager or call ``close()``. ``rpc`` is
+    the raw generated stub for anything the high-level methods do not cover (``BulkSet``, ``Debug``).
 
     Every method is safe to call from several threads at once.
     """
@@ -50,7 +52,7 @@ class Client(ClientBase):
 
     def __init__(
         self,
-        target: str,
+        target: str | None = None,
         *,
         credentials: grpc.ChannelCredentials | None = None,
         token: str | None = None,
@@ -59,12 +61,14 @@ class Client(ClientBase):
         query_retry_pause: Seconds = DEFAULT_QUERY_RETRY_PAUSE,
         wait_for_ready: bool = False,
     ) -> None:
-        """Dial ``target``. ``clock`` stamps times (default: the system clock); ``query_retry_pause`` is how
+        """Dial ``target`` (None: ``$MASSTASKER_TARGET``; ``TypeError`` if neither names a server, ``ValueError``
+        for an empty string). ``clock`` stamps times (default: the system clock); ``query_retry_pause`` is how
         long a waiting ``query`` pauses when a server cannot wait (Go); ``wait_for_ready`` makes calls wait
         for the server to come up instead of failing with ``Unavailable``. ``token`` is sent as
         ``authorization: Bearer <token>`` on every call; None reads ``MASSTASKER_TOKEN``, ``""`` sends none.
         ``credentials`` come from ``grpc.ssl_channel_credentials`` (add a client key and certificate for
         a server that requires them)."""
+        target = resolve_target(target)
         bearer = resolve_token(token)
         if credentials is None:
             channel = grpc.insecure_channel(target, options=options)
@@ -113,7 +117,7 @@ class Client(ClientBase):
     def _run(self, flow: Flow[T], tick: Callable[[float], bool] | None = None) -> T:
         """Run ``flow``, doing the I/O it asks for; ``tick`` waits a heartbeat and says whether to go on."""
         reply: Any = None
-        error: StatusError | None = None
+        error: StatusError | ClockAdvanced | None = None
         while True:
             try:
                 step = flow.send(reply) if error is None else flow.throw(error)
@@ -122,11 +126,12 @@ class Client(ClientBase):
                 return result
             reply, error = None, None
             if isinstance(step, Call):
-                method = getattr(self.rpc, step.method)
                 try:
-                    reply = method(step.request, timeout=step.timeout, wait_for_ready=self.wait_for_ready)
+                    reply = self._call(step)
                 except grpc.RpcError as exc:
                     error = from_rpc_error(exc)
+                except ClockAdvanced as exc:
+                    error = exc
             elif isinstance(step, Pause):
                 time.sleep(step.seconds)
             elif isinstance(step, Tick) and tick is not None:
@@ -136,6 +141,32 @@ class Client(ClientBase):
             else:
                 raise TypeError(f"unexpected step {step!r}")
 
+    def _call(self, step: Call) -> Any:
+        """Make one call; a waiting Query on a clock that can jump is cancelled when it does."""
+        method = getattr(self.rpc, step.method)
+        clock = self.clock
+        if step.stamped is None or not isinstance(clock, AdvancingClock):
+            return method(step.request, timeout=step.timeout, wait_for_ready=self.wait_for_ready)
+        future = method.future(step.request, timeout=step.timeout, wait_for_ready=self.wait_for_ready)
+        moved = threading.Event()
+
+        def on_advance() -> None:
+            # A task the server took for us in this very instant would stay leased to nobody until its
+            # lease ends (the window any deadline or cancellation has); a clock jump is rare enough.
+            moved.set()
+            future.cancel()
+
+        stop_listening = clock.on_advance(on_advance)
+        try:
+            if clock.now() != step.stamped:
+                on_advance()  # it moved between stamping the request and listening
+            try:
+                return future.result()
+            except grpc.FutureCancelledError:
+                raise ClockAdvanced from None
+        finally:
+            stop_listening()
+
     # -- the API --------------------------------------------------------------------------------------------
 
     def do(self, *ops: Op, timeout: Seconds | None = None) -> None:
@@ -144,9 +175,11 @@ class Client(ClientBase):
         caller holds has changed and the error (``TaskNotFound``, ``PreconditionFailed``, …) is raised."""
         self._run(self._do_flow(ops, timeout))
 
-    def query(self, group: str, own_for: Seconds = 0, *, wait: bool = True, timeout: Seconds | None = None) -> pb.Task:
-        """The head of ``group``; with ``own_for > 0``, leased to you for that long (it gets a new ID).
+    def query(self, group: str, own_for: Seconds, *, wait: bool = True, timeout: Seconds | None = None) -> pb.Task:
+        """The head of ``group``, leased to you for ``own_for`` (it gets a new ID).
 
+        ``own_for`` is required, as in the Go client: a worker that forgot it would work without a lease
+        while others took the same task. ``own_for=0`` leases nothing, as ``peek`` does.
         ``wait=True`` waits for a task to become visible, up to ``timeout`` (then ``DeadlineExceeded``);
         ``wait=False`` raises ``TaskNotFound`` at once if none is visible.
         """
@@ -156,15 +189,25 @@ class Client(ClientBase):
         self,
         group: str,
         max_tasks: int,
-        own_for: Seconds = 0,
+        own_for: Seconds,
         *,
         wait: bool = True,
         timeout: Seconds | None = None,
     ) -> list[pb.Task]:
-        """Up to ``max_tasks`` visible tasks from the head of ``group``, each leased for ``own_for`` if positive,
-        in one atomic step. ``wait`` returns once at least one is visible; ``wait=False`` returns ``[]`` if
-        none is. A server that ignores ``max_tasks`` (Go) returns one task."""
+        """Up to ``max_tasks`` visible tasks from the head of ``group``, each leased for ``own_for``, in one
+        atomic step. ``wait`` returns once at least one is visible; ``wait=False`` returns ``[]`` if none is.
+        A server that ignores ``max_tasks`` (Go) returns one task."""
         return self._run(self._query_flow(group, own_for, wait=wait, max_tasks=max_tasks, many=True, timeout=timeout))
+
+    def peek(self, group: str, *, wait: bool = True, timeout: Seconds | None = None) -> pb.Task:
+        """The head of ``group`` without leasing it (``query(group, 0)``): it keeps its ID and stays visible."""
+        return self._run(self._query_flow(group, 0, wait=wait, max_tasks=1, many=False, timeout=timeout))[0]
+
+    def peek_many(
+        self, group: str, max_tasks: int, *, wait: bool = True, timeout: Seconds | None = None
+    ) -> list[pb.Task]:
+        """Up to ``max_tasks`` visible tasks from the head of ``group`` without leasing them."""
+        return self._run(self._query_flow(group, 0, wait=wait, max_tasks=max_tasks, many=True, timeout=timeout))
 
     def run_with_lease(
         self,
@@ -227,40 +270,49 @@ class Client(ClientBase):
 
     # -- one-liners over do(), as the Go client's (deprecated there) methods ----------------------------------
 
-    def create(self, *tasks: pb.Task) -> None:
+    # Each takes ``timeout`` (real seconds for the one Update) as ``do`` does.
+
+    def create(self, *tasks: pb.Task, timeout: Seconds | None = None) -> None:
         """Create the tasks; each object gets its new ID."""
-        self.do(Create(*tasks))
+        self.do(Create(*tasks), timeout=timeout)
 
-    def update(self, *tasks: pb.Task) -> None:
+    def update(self, *tasks: pb.Task, timeout: Seconds | None = None) -> None:
         """Replace each task by its current content; each object gets its new ID."""
-        self.do(Update(*tasks))
+        self.do(Update(*tasks), timeout=timeout)
 
-    def delete(self, *tasks: pb.Task) -> None:
+    def delete(self, *tasks: pb.Task, timeout: Seconds | None = None) -> None:
         """Delete the tasks by ID."""
-        self.do(Delete(*tasks))
+        self.do(Delete(*tasks), timeout=timeout)
 
     def complex_update(
-        self, create: Iterable[pb.Task] = (), delete: Iterable[pb.Task] = (), predicates: Iterable[pb.Task] = ()
+        self,
+        create: Iterable[pb.Task] = (),
+        delete: Iterable[pb.Task] = (),
+        predicates: Iterable[pb.Task] = (),
+        *,
+        timeout: Seconds | None = None,
     ) -> None:
         """Create, delete and check predicates in one atomic Update."""
-        self.do(Create(*create), Delete(*delete), Pred(*predicates))
+        self.do(Create(*create), Delete(*delete), Pred(*predicates), timeout=timeout)
 
-    def move(self, group: str, *tasks: pb.Task) -> None:
+    def move(self, group: str, *tasks: pb.Task, timeout: Seconds | None = None) -> None:
         """Move the tasks to ``group`` (new IDs)."""
-        self.do(Move(group, *tasks))
+        self.do(Move(group, *tasks), timeout=timeout)
 
-    def disown(self, *tasks: pb.Task) -> None:
+    def disown(self, *tasks: pb.Task, timeout: Seconds | None = None) -> None:
         """Give up the lease: make the tasks visible again now (new IDs)."""
-        self.do(Disown(*tasks))
+        self.do(Disown(*tasks), timeout=timeout)
 
-    def reown(self, own_for: Seconds, *tasks: pb.Task) -> None:
+    def reown(self, own_for: Seconds, *tasks: pb.Task, timeout: Seconds | None = None) -> None:
         """Lease the tasks until now + ``own_for`` (new IDs)."""
-        self.do(Reown(own_for, *tasks))
+        self.do(Reown(own_for, *tasks), timeout=timeout)
 
-    def commit_or_move(self, task: pb.Task, exc: BaseException | None, error_group: str) -> None:
+    def commit_or_move(
+        self, task: pb.Task, exc: BaseException | None, error_group: str, *, timeout: Seconds | None = None
+    ) -> None:
         """Delete ``task`` if ``exc`` is None; move it to ``error_group`` if ``exc`` is a saved error (and
         ``error_group`` is not empty); otherwise disown it, so it is retried soon, and raise ``exc``."""
         op, reraise = commit_or_move_ops(task, exc, error_group)
-        self.do(op)
+        self.do(op, timeout=timeout)
         if reraise is not None:
             raise reraise

@@ -44,7 +44,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Parse flags and environment, then serve until SIGTERM/SIGINT."""
     settings = from_environ(argv, __version__)
     configure_logging(settings)
-    log = logging.getLogger("masstasker.server")
+    log = logging.getLogger("masstasker.server.__main__")  # not __name__: that is "__main__" under python -m
     try:
         asyncio.run(serve(settings))
     except (OSError, ValueError) as exc:

@@ -14,8 +14,10 @@ import signal
 import threading
 import time
 from collections.abc import Callable
+from contextlib import AsyncExitStack
 from types import TracebackType
 from typing import Any
+from wsgiref.simple_server import WSGIServer
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -23,24 +25,26 @@ from grpc_health.v1._async import HealthServicer  # what health.aio re-exports; 
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
+from masstasker.server.admission import WaitingAdmission
 from masstasker.server.auth import TokenInterceptor, TokenSet
-from masstasker.server.config import GC_THRESHOLDS, Settings, check_security, format_address, parse_address
+from masstasker.server.config import Settings, check_security, dial_host, format_address, parse_address
+from masstasker.server.durability import Persistence, PersistenceError
 from masstasker.server.metrics import GroupStats, RpcMetrics, StoreCollector
 from masstasker.server.metrics_http import start_metrics_http
-from masstasker.server.persistence import Persistence
 from masstasker.server.service import SERVICE_NAME, MassTaskerService
-from masstasker.server.store import Store, TaskSpec
+from masstasker.server.stores.memory.store import Store, TaskSpec
+from masstasker.server.stores.memory.waiters import Waiters
 from masstasker.server.tls import exposure_warnings, server_credentials
-from masstasker.server.waiters import Waiters
 
-__all__ = ["BackgroundServer", "Server", "serve", "start"]
+__all__ = ["GC_THRESHOLDS", "BackgroundServer", "Server", "serve", "start", "tune_gc"]
 
-log = logging.getLogger("masstasker.server")
+log = logging.getLogger(__name__)
 
 _SERVING = health_pb2.HealthCheckResponse.SERVING
+_NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 _START_TIMEOUT = 30.0
-# gRPC core's own default for grpc.server.max_pending_requests: room for calls other than waiting Queries.
-_MIN_PENDING_CALLS = 1000
+#: gc.set_threshold() for the server process: (young, middle, old). See :func:`tune_gc`.
+GC_THRESHOLDS = (100_000, 50, 100)
 
 
 class Server:
@@ -48,39 +52,48 @@ class Server:
 
     def __init__(
         self,
+        *,
         grpc_server: grpc.aio.Server,
+        health: HealthServicer,
         store: Store,
         waiters: Waiters,
-        health_servicer: HealthServicer,
+        admission: WaitingAdmission,
+        settings: Settings,
         host: str,
         port: int,
-        settings: Settings,
+        registry: CollectorRegistry,
+        tokens: TokenSet | None,
+        persistence: Persistence | None,
+        http: WSGIServer | None,
     ) -> None:
         self.store = store
         self.waiters = waiters
+        self.admission = admission  # the waiting-Query counts and limits
         self.host = host
         self.port = port
         self.settings = settings
-        self.http_port: int | None = None
-        self.registry: CollectorRegistry | None = None  # this server's metrics, served or not
-        self.tokens: TokenSet | None = None  # the accepted bearer tokens, when --auth-token-file is set
-        self.persistence: Persistence | None = None
+        self.registry = registry  # this server's metrics, served or not
+        self.tokens = tokens  # the accepted bearer tokens, when --auth-token-file is set
+        self.persistence = persistence
+        self.http_port: int | None = http.server_port if http is not None else None
         self._grpc = grpc_server
-        self._health = health_servicer
-        self._http: Any = None
+        self._health = health
+        self._http = http
         self._stopped = False
+        self._durability_watch: asyncio.Task[None] | None = None
 
     @property
     def target(self) -> str:
         """``HOST:PORT`` a client on this machine can dial."""
-        host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(self.host, self.host)
-        return format_address(host, self.port)
+        return format_address(dial_host(self.host), self.port)
 
     async def stop(self, grace: float | None = None) -> None:
         """Refuse new calls, release waiting Queries (UNAVAILABLE), give in-flight calls ``grace`` seconds."""
         if self._stopped:
             return
         self._stopped = True
+        if self._durability_watch is not None:
+            self._durability_watch.cancel()
         await self._health.enter_graceful_shutdown()
         self.waiters.release_all()
         await self._grpc.stop(self.settings.shutdown_grace if grace is None else grace)
@@ -100,6 +113,13 @@ class Server:
             return False
         return self.tokens.reload()
 
+    def watch_durability(self) -> None:
+        """Turn health NOT_SERVING the moment a log write or fsync fails (docs/durability.md)."""
+        if self.persistence is not None and self._durability_watch is None:
+            self._durability_watch = asyncio.get_running_loop().create_task(
+                _not_serving_once_durability_is_lost(self.persistence, self._health)
+            )
+
     async def wait_for_termination(self) -> None:
         """Return when the gRPC server has stopped."""
         await self._grpc.wait_for_termination()
@@ -114,33 +134,21 @@ def _group_stats(store: Store, waiters: Waiters, clock: Callable[[], int]) -> Ca
     return read
 
 
-def _pending_calls(settings: Settings) -> int:
-    """Queued calls gRPC core starts to shed at: every allowed waiting Query and then some."""
-    return settings.max_waiting_queries + _MIN_PENDING_CALLS
+async def _open_persistence(settings: Settings, store: Store, cleanup: AsyncExitStack) -> Persistence | None:
+    """With ``--data-dir``: recover the store from it, and close it if the start fails."""
+    if not settings.data_dir:
+        return None
+    persistence = await Persistence.open(
+        settings.data_dir, store, fsync=settings.fsync, snapshot_min_log_bytes=settings.snapshot_min_log_bytes
+    )
+    cleanup.push_async_callback(persistence.close)
+    return persistence
 
 
-async def start(settings: Settings, *, clock: Callable[[], int] = time.time_ns) -> Server:
-    """Build, bind and start a server on the running loop; it is SERVING on return.
-
-    Raises OSError when an address, a TLS file or the token file cannot be
-    used, ValueError when the security settings contradict each other.
-    """
-    problem = check_security(settings)
-    if problem:
-        raise ValueError(problem)
-    tokens = TokenSet(settings.auth_token_file) if settings.auth_token_file else None
-    credentials = server_credentials(settings)
-    loop = asyncio.get_running_loop()
-    store = Store(clock)
-    persistence = None
-    if settings.data_dir:
-        persistence = await Persistence.open(
-            settings.data_dir, store, fsync=settings.fsync, snapshot_min_log_bytes=settings.snapshot_min_log_bytes
-        )
-    waiters = Waiters(store, clock)
-    registry = CollectorRegistry(auto_describe=False)
-    service = MassTaskerService(store, waiters, settings, RpcMetrics(registry), persistence=persistence)
-
+def _grpc_server(
+    settings: Settings, service: MassTaskerService, admission: WaitingAdmission, tokens: TokenSet | None
+) -> tuple[grpc.aio.Server, HealthServicer]:
+    """The gRPC server with our service, health and reflection registered; not bound yet."""
     server = grpc.aio.server(
         # No interceptor at all without tokens: it would cost every call.
         interceptors=[TokenInterceptor(tokens)] if tokens is not None else None,
@@ -149,70 +157,149 @@ async def start(settings: Settings, *, clock: Callable[[], int] = time.time_ns) 
             ("grpc.max_send_message_length", settings.max_msg_size),
             # Without this, a second server could bind the same port and split the traffic.
             ("grpc.so_reuseport", 0),
-            # Calls that arrived but that grpc.aio has not taken yet wait in gRPC core's
-            # pending queue (grpc.aio takes one at a time, ~5,000/s on a small machine).
-            # Past 1,000 queued calls core drops new ones at random, past 3,000 all of
-            # them, and their clients get CANCELLED: 10,000 workers starting together
-            # lost 30-60 % of their Queries. Make room for a burst of every Query we
-            # would let wait, plus ordinary traffic (docs/performance.md).
-            ("grpc.server.max_pending_requests", _pending_calls(settings)),
-            ("grpc.server.max_pending_requests_hard_limit", 2 * _pending_calls(settings)),
+            *admission.grpc_options(),
         ],
     )
     server.add_generic_rpc_handlers((service.handler(),))
     health_servicer = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME),
-        server,
-    )
-    address = settings.rpc_address
-    host, _ = parse_address(address)
+    reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    return server, health_servicer
+
+
+def _bind(server: grpc.aio.Server, address: str, credentials: grpc.ServerCredentials | None) -> tuple[str, int]:
+    """Bind the gRPC address, with TLS when there are credentials; the host and the bound port."""
     try:
         port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     except RuntimeError as exc:
-        if persistence is not None:
-            await persistence.close()
         raise OSError(f"cannot listen on {address}: {exc}") from exc
+    return parse_address(address)[0], port
 
-    # With a data directory, only its very first start creates the bootstrap
-    # task: after a restart, an empty group means the job consumed it.
+
+def _bootstrap(settings: Settings, store: Store, persistence: Persistence | None) -> None:
+    """Create the bootstrap task, if asked for and its group is empty.
+
+    With a data directory, only its very first start does: after a restart, an
+    empty group means the job consumed it.
+    """
+    group = settings.bootstrap_task_group
     fresh = persistence is None or persistence.fresh
-    if settings.bootstrap_task_group and fresh and not store.group_size(settings.bootstrap_task_group):
-        store.update([TaskSpec(settings.bootstrap_task_group, None)])
-        log.info("created the bootstrap task in group %r", settings.bootstrap_task_group)
-    if persistence is not None:
-        await persistence.sync()
+    if group and fresh and not store.group_size(group):
+        store.update([TaskSpec(group, None)])
+        log.info("created the bootstrap task in group %r", group)
 
-    running = Server(server, store, waiters, health_servicer, host, port, settings)
-    running.registry = registry
-    running.tokens = tokens
-    running.persistence = persistence
-    await server.start()
-    if settings.listen_http:
-        http_host, http_port = parse_address(settings.listen_http)
-        registry.register(StoreCollector(loop, _group_stats(store, waiters, clock)))
-        try:
-            metrics_tokens = tokens if settings.metrics_auth else None
-            running._http = start_metrics_http(http_host, http_port, registry, metrics_tokens)
-        except OSError as exc:
-            await server.stop(None)
-            if persistence is not None:
-                await persistence.close()
-            raise OSError(f"cannot serve metrics on {settings.listen_http}: {exc}") from exc
-        running.http_port = running._http.server_port
-        log.info("metrics on http://%s/metrics", format_address(http_host, running.http_port))
-    await health_servicer.set("", _SERVING)
-    await health_servicer.set(SERVICE_NAME, _SERVING)
+
+def _serve_metrics(
+    settings: Settings,
+    registry: CollectorRegistry,
+    group_stats: Callable[[], tuple[GroupStats, int, int]],
+    tokens: TokenSet | None,
+    cleanup: AsyncExitStack,
+) -> WSGIServer | None:
+    """With ``--listen-http``: serve /metrics (behind the token with ``--metrics-auth``) from a thread.
+
+    The per-group gauges are registered only then: nobody else reads them.
+    """
+    if not settings.listen_http:
+        return None
+    registry.register(StoreCollector(asyncio.get_running_loop(), group_stats))
+    host, port = parse_address(settings.listen_http)
+    try:
+        http = start_metrics_http(host, port, registry, tokens if settings.metrics_auth else None)
+    except OSError as exc:
+        raise OSError(f"cannot serve metrics on {settings.listen_http}: {exc}") from exc
+    cleanup.callback(http.server_close)
+    cleanup.callback(http.shutdown)
+    log.info("metrics on http://%s/metrics", format_address(host, http.server_port))
+    return http
+
+
+async def start(settings: Settings, *, clock: Callable[[], int] = time.time_ns) -> Server:
+    """Build, bind and start a server on the running loop; it is SERVING on return.
+
+    ``clock`` (ns since the epoch) is the one time source of the store, the
+    waiters and the servicer. Raises OSError when an address, a TLS file or
+    the token file cannot be used, ValueError when the security settings
+    contradict each other; whatever was started by then is stopped again.
+    """
+    problem = check_security(settings)
+    if problem:
+        raise ValueError(problem)
+    tokens = TokenSet(settings.auth_token_file) if settings.auth_token_file else None
+    credentials = server_credentials(settings)
+    async with AsyncExitStack() as cleanup:
+        store = Store(clock)
+        persistence = await _open_persistence(settings, store, cleanup)
+        waiters = Waiters(store, clock)
+        admission = WaitingAdmission(settings)
+        registry = CollectorRegistry(auto_describe=False)
+        if persistence is not None:
+            persistence.register_metrics(registry)
+        service = MassTaskerService(
+            store, waiters, admission, settings, RpcMetrics(registry), clock=clock, persistence=persistence
+        )
+        grpc_server, health_servicer = _grpc_server(settings, service, admission, tokens)
+        host, port = _bind(grpc_server, settings.rpc_address, credentials)
+        _bootstrap(settings, store, persistence)
+        if persistence is not None:
+            await persistence.sync()
+        await grpc_server.start()
+        cleanup.push_async_callback(grpc_server.stop, None)
+        http = _serve_metrics(settings, registry, _group_stats(store, waiters, clock), tokens, cleanup)
+        server = Server(
+            grpc_server=grpc_server,
+            health=health_servicer,
+            store=store,
+            waiters=waiters,
+            admission=admission,
+            settings=settings,
+            host=host,
+            port=port,
+            registry=registry,
+            tokens=tokens,
+            persistence=persistence,
+            http=http,
+        )
+        await health_servicer.set("", _SERVING)
+        await health_servicer.set(SERVICE_NAME, _SERVING)
+        server.watch_durability()
+        _log_started(settings, host, port, tokens, tls=credentials is not None)
+        cleanup.pop_all()  # started: from now on Server.stop() releases everything
+    return server
+
+
+def _log_started(settings: Settings, host: str, port: int, tokens: TokenSet | None, *, tls: bool) -> None:
     log.info(
         "gRPC transport: %s; %s",
-        "mutual TLS" if settings.tls_client_ca else "TLS" if credentials else "plaintext",
+        "mutual TLS" if settings.tls_client_ca else "TLS" if tls else "plaintext",
         f"{len(tokens)} bearer token(s) accepted" if tokens is not None else "no token needed",
     )
     log.info("listening on %s", format_address(host, port))
     for warning in exposure_warnings(settings, host):
         log.warning("%s", warning)
-    return running
+
+
+# -- a lost data directory (docs/durability.md) ------------------------------------------------------------
+
+
+async def _not_serving_once_durability_is_lost(persistence: Persistence, health_servicer: HealthServicer) -> None:
+    """Health answers NOT_SERVING from the moment a log write or fsync fails; :func:`serve` then exits."""
+    failure = await persistence.lost()
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, _NOT_SERVING)
+    log.critical("health is NOT_SERVING: durability lost (%s)", failure)
+
+
+async def _stop_requested_or_durability_lost(stopping: asyncio.Event, server: Server) -> None:
+    # The watch task, not the bare loss: once it is done, health already says NOT_SERVING and why.
+    stop_requested = asyncio.ensure_future(stopping.wait())
+    waits: list[asyncio.Future[Any]] = [stop_requested]
+    if server._durability_watch is not None:
+        waits.append(server._durability_watch)
+    try:
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stop_requested.cancel()
 
 
 def tune_gc() -> None:
@@ -240,10 +327,19 @@ async def serve(settings: Settings) -> None:
         loop.add_signal_handler(sig, stopping.set)
     # Also when there is no token file: SIGHUP's default action would kill the server.
     loop.add_signal_handler(signal.SIGHUP, server.reload_tokens)
-    await stopping.wait()
+    await _stop_requested_or_durability_lost(stopping, server)
+    failure = server.persistence.failure if server.persistence is not None else None
+    if failure is not None:
+        log.critical(
+            "exiting because durability was lost (%s): a restart recovers every acknowledged change from %s",
+            failure,
+            settings.data_dir,
+        )
     log.info("shutting down: %.1f s for in-flight calls", settings.shutdown_grace)
     await server.stop()
     log.info("stopped")
+    if failure is not None:
+        raise PersistenceError(f"durability lost: {failure}") from failure
 
 
 class BackgroundServer:

@@ -27,7 +27,7 @@ import grpc
 
 __all__ = ["HEALTH_PREFIX", "TokenInterceptor", "TokenSet", "bearer_problem", "load_tokens"]
 
-log = logging.getLogger("masstasker.server")
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     Handler = grpc.RpcMethodHandler[Any, Any]

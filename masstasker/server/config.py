@@ -9,8 +9,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+
+from masstasker.server.durability.persistence import DEFAULT_SNAPSHOT_MIN_LOG_BYTES
+from masstasker.server.durability.writer import FSYNC_POLICIES
 
 __all__ = [
     "DEFAULT_HTTP",
@@ -18,6 +22,8 @@ __all__ = [
     "ENV_PREFIX",
     "Settings",
     "check_security",
+    "check_store",
+    "dial_host",
     "parse_address",
     "parse_args",
 ]
@@ -38,12 +44,9 @@ DEFAULT_MAX_LABEL_KEY_BYTES = 256
 DEFAULT_MAX_LABEL_VALUE_BYTES = 4096
 DEFAULT_MAX_WAITING_QUERIES = 10_000
 DEFAULT_MAX_WAITING_PER_CONNECTION = 1_000
-DEFAULT_SNAPSHOT_MIN_LOG_BYTES = 64 * 1024 * 1024
-# What a Query refused by a full waiting limit is told to wait before asking again.
-WAITING_RETRY_AFTER_MS = 1000
-# gc.set_threshold() for the server process: (young, middle, old). See app.tune_gc.
-GC_THRESHOLDS = (100_000, 50, 100)
-FSYNC_POLICIES = ("always", "batch", "never")
+DEFAULT_STORE_SCHEMA = "masstasker"
+DEFAULT_STORE_POOL_SIZE = 10
+MEMORY_STORES = ("", "memory")
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +80,13 @@ class Settings:
     data_dir: str = ""  # "" keeps everything in memory only
     fsync: str = "always"  # one of FSYNC_POLICIES
     snapshot_min_log_bytes: int = DEFAULT_SNAPSHOT_MIN_LOG_BYTES
+    # Where tasks live: "" (or "memory") keeps them in this process; a PostgreSQL DSN or URI shares
+    # them between servers (docs/scaling.md).
+    store: str = ""
+    store_password_file: str = ""
+    store_schema: str = DEFAULT_STORE_SCHEMA
+    store_pool_size: int = DEFAULT_STORE_POOL_SIZE
+    store_poll_only: bool = False  # no LISTEN/NOTIFY: for poolers in transaction mode (PgBouncer)
 
     @property
     def rpc_address(self) -> str:
@@ -99,6 +109,15 @@ def parse_address(value: str) -> tuple[str, int]:
 def format_address(host: str, port: int) -> str:
     """``HOST:PORT`` with IPv6 literals bracketed."""
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+# A server listening on every interface is reached, from its own machine, on loopback.
+_WILDCARD_DIAL = {"0.0.0.0": "127.0.0.1", "::": "::1"}
+
+
+def dial_host(host: str) -> str:
+    """The host a client on this machine dials for a server listening on ``host``: wildcards become loopback."""
+    return _WILDCARD_DIAL.get(host, host)
 
 
 def _positive_int(value: str) -> int:
@@ -136,16 +155,79 @@ def _build_parser(version: str) -> argparse.ArgumentParser:
     add("--log-level", default=defaults.log_level, choices=["debug", "info", "warning", "error"])
     add("--log-format", default=defaults.log_format, choices=["text", "json"])
     add("--data-dir", default="", metavar="DIR", help="keep a write-ahead log and snapshots here; '' = memory only")
-    add("--fsync", default=defaults.fsync, choices=FSYNC_POLICIES, help="when a change counts as durable (see README)")
+    add(
+        "--fsync",
+        default=defaults.fsync,
+        choices=FSYNC_POLICIES,
+        help="when a change counts as durable (docs/durability.md)",
+    )
     add(
         "--snapshot-min-log-bytes",
         type=_positive_int,
         default=defaults.snapshot_min_log_bytes,
         help="snapshot once the log exceeds this and twice the state's size",
     )
+    _add_store_flags(parser, defaults)
     _add_security_flags(parser, defaults)
     add("--version", action="version", version=f"%(prog)s {version}")
     return parser
+
+
+def _add_store_flags(parser: argparse.ArgumentParser, defaults: Settings) -> None:
+    group = parser.add_argument_group("store", "where tasks live; see docs/scaling.md")
+    add = group.add_argument
+    add(
+        "--store",
+        default="",
+        metavar="DSN",
+        help="'memory' (default) or a PostgreSQL URI/DSN (postgresql://user@host/db) shared by several servers",
+    )
+    add(
+        "--store-password-file",
+        default="",
+        metavar="FILE",
+        help="PostgreSQL password (first line); else DSN/PGPASSWORD",
+    )
+    add("--store-schema", default=defaults.store_schema, help="PostgreSQL schema for the tables (default %(default)s)")
+    add(
+        "--store-pool-size",
+        type=_positive_int,
+        default=defaults.store_pool_size,
+        help="PostgreSQL connections per server (default %(default)s)",
+    )
+    add(
+        "--store-poll-only",
+        type=_boolean,
+        nargs="?",
+        const=True,
+        default=False,
+        help="no LISTEN/NOTIFY, poll instead (PgBouncer in transaction mode)",
+    )
+
+
+_POSTGRES_URI = re.compile(r"^postgres(ql)?://", re.IGNORECASE)
+_KEY_VALUE_DSN = re.compile(r"^\s*[A-Za-z_]+\s*=")
+
+
+def is_postgres_dsn(value: str) -> bool:
+    """True for a libpq URI (``postgresql://...``) or key=value DSN (``host=... dbname=...``)."""
+    return bool(_POSTGRES_URI.match(value) or _KEY_VALUE_DSN.match(value))
+
+
+def check_store(settings: Settings) -> str | None:
+    """What is wrong with the store settings, or None."""
+    if settings.store in MEMORY_STORES:
+        return None
+    if not is_postgres_dsn(settings.store):
+        return "--store: expected 'memory' or a PostgreSQL URI (postgresql://...) or key=value DSN"
+    if settings.data_dir:
+        return (
+            "--data-dir is the in-memory store's write-ahead log; with a PostgreSQL --store the database "
+            "keeps every change durably, so drop --data-dir"
+        )
+    if not settings.store_schema:
+        return "--store-schema must not be empty"
+    return None
 
 
 def _add_security_flags(parser: argparse.ArgumentParser, defaults: Settings) -> None:
@@ -207,7 +289,7 @@ def parse_args(argv: Sequence[str] | None, env: Mapping[str, str], version: str)
                 parse_address(value)
             except ValueError as exc:
                 parser.error(f"{name}: {exc}")
-    problem = check_security(settings)
+    problem = check_security(settings) or check_store(settings)
     if problem:
         parser.error(problem)
     return settings

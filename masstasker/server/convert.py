@@ -1,33 +1,49 @@
-"""Wire messages <-> store values, with the validation API.md asks for.
+"""Wire messages <-> store values, with the validation docs/api.md asks for.
 
 Everything that can reject a request for its shape lives here and raises
-:class:`~masstasker.server.store.BadRequest` with a message naming the field
-and the rule.
+:class:`~masstasker.server.stores.memory.store.BadRequest` with a message naming the field
+and the rule; the server's configurable limits on sizes and counts are
+:mod:`~masstasker.server.limits`'. What leaves here is valid input for any
+store: times in range, label pairs sorted, no empty selector.
 """
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import NamedTuple
 
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from masstasker._pb import masstasker_pb2 as pb
-from masstasker.server.store import BadRequest, GroupRef, IdRef, LabelRef, Ref, StoredTask, TaskSpec, labels_tuple
+from masstasker.server.stores.memory.store import (
+    NANOS_PER_SECOND,
+    BadRequest,
+    GroupRef,
+    IdRef,
+    LabelRef,
+    Ref,
+    StoredTask,
+    TaskSpec,
+)
 
 __all__ = [
     "MAX_TIMESTAMP_NS",
     "MIN_TIMESTAMP_NS",
+    "QuerySpec",
+    "check_timestamp_ns",
     "duration_ns",
     "fill_task",
+    "labels_tuple",
+    "query_from_pb",
     "ref_from_pb",
     "spec_from_pb",
     "specs_from_pb",
     "timestamp_ns",
 ]
 
-_NANOS = 1_000_000_000
+_NANOS = NANOS_PER_SECOND
 # google.protobuf.Timestamp's valid range: 0001-01-01T00:00:00Z .. 9999-12-31T23:59:59.999999999Z.
 _MIN_TS_SECONDS = -62_135_596_800
 _MAX_TS_SECONDS = 253_402_300_799
@@ -69,8 +85,8 @@ def check_timestamp_ns(value: int, field: str) -> int:
 
 
 _intern = sys.intern
-# Builds a TaskSpec straight from its fields: NamedTuple's generated __new__ is
-# Python code, and this runs once per created task (the create-1000 benchmark).
+# Builds a TaskSpec or QuerySpec straight from its fields: NamedTuple's generated __new__
+# is Python code, and this runs once per created task (the create-1000 benchmark) or Query.
 _new_spec = tuple.__new__
 
 
@@ -89,9 +105,8 @@ def spec_from_pb(task: pb.Task) -> TaskSpec:
     group = _intern(task.group)
     task.ClearField("id")
     task.ClearField("group")
-    return _new_spec(
-        TaskSpec, (group, not_before, task.SerializeToString(), tuple(sorted(labels.items())) if labels else None)
-    )
+    # labels_tuple() is called only for tasks that have labels: most have none, and this runs per task.
+    return _new_spec(TaskSpec, (group, not_before, task.SerializeToString(), labels_tuple(labels) if labels else None))
 
 
 def specs_from_pb(tasks: Sequence[pb.Task]) -> list[TaskSpec]:
@@ -104,6 +119,11 @@ def specs_from_pb(tasks: Sequence[pb.Task]) -> list[TaskSpec]:
     except BadRequest as exc:
         raise BadRequest(f"created[{len(specs)}].{exc}") from None
     return specs
+
+
+def labels_tuple(labels: Mapping[str, str]) -> tuple[tuple[str, str], ...] | None:
+    """Label pairs in the store's canonical (sorted) form, or None for no labels."""
+    return tuple(sorted(labels.items())) if labels else None
 
 
 def ref_from_pb(ref: pb.TaskRef) -> Ref:
@@ -124,6 +144,29 @@ def ref_from_pb(ref: pb.TaskRef) -> Ref:
 def refs_from_pb(refs: Sequence[pb.TaskRef]) -> list[Ref]:
     """Every ref converted, in order."""
     return [ref_from_pb(r) for r in refs]
+
+
+class QuerySpec(NamedTuple):
+    """A Query's arguments, checked: what the servicer hands the store and the waiters."""
+
+    group: str
+    now: int | None  # the request's ``now`` in ns; None: the server's clock
+    own_for: int  # ns, never negative; 0 is a peek
+    max_tasks: int
+    wait: bool
+
+
+def query_from_pb(request: pb.QueryRequest) -> QuerySpec:
+    """A QueryRequest's times converted: a bad ``now`` or a negative ``own_for`` is BadRequest.
+
+    The server's limits (``max_tasks``, the group's length) are
+    :meth:`~masstasker.server.limits.Limits.check_query`'s.
+    """
+    own_for = duration_ns(request.own_for, "own_for") if request.HasField("own_for") else 0
+    if own_for < 0:
+        raise BadRequest(f"own_for must not be negative (got {own_for} ns)")
+    now = timestamp_ns(request.now, "now") if request.HasField("now") else None
+    return _new_spec(QuerySpec, (request.group, now, own_for, request.max_tasks, request.wait))
 
 
 def fill_task(out: pb.Task, task: StoredTask) -> None:

@@ -2,18 +2,18 @@
 
 gRPC itself enforces the message size (``--max-msg-size``, RESOURCE_EXHAUSTED),
 which bounds everything a single request can make the server hold while it
-is handled. The limits here bound what a request may leave behind:
+is handled. The limits here bound what a request may leave behind or ask for:
 
-- the counts (tasks, refs, predicates per request) are checked on the parsed
-  message, before anything is converted;
+- the counts (tasks, refs, predicates per request, tasks per Query) are
+  checked on the parsed message, before anything is converted;
 - each task's payload, group name and labels are checked on the converted
-  :class:`~masstasker.server.store.TaskSpec`, before the store sees it (the
+  :class:`~masstasker.server.stores.memory.store.TaskSpec`, before the store sees it (the
   conversion is bounded by the message size, and checking its result is
   nearly free: a few ``len()`` calls, no protobuf access);
-- these are INVALID_ARGUMENT via :class:`~masstasker.server.store.BadRequest`,
-  since sending the same request again cannot help; waiting Queries, in total
-  and per connection, are RESOURCE_EXHAUSTED via :class:`LimitExceeded`, since
-  the same call may succeed once others finish.
+- all are INVALID_ARGUMENT via :class:`~masstasker.server.stores.memory.store.BadRequest`,
+  since sending the same request again cannot help. The limits on waiting
+  Queries, which a later call may pass, are
+  :class:`~masstasker.server.admission.WaitingAdmission`'s.
 
 Every message names the limit and the flag that sets it. Lengths are UTF-8
 bytes, as on the wire. A request no bigger than a limit cannot break it, so
@@ -22,18 +22,13 @@ the per-task loop is skipped for small requests.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 
 from masstasker._pb import masstasker_pb2 as pb
 from masstasker.server.config import Settings
-from masstasker.server.store import BadRequest, TaskSpec
+from masstasker.server.stores.memory.store import BadRequest, TaskSpec
 
-__all__ = ["LimitExceeded", "Limits"]
-
-
-class LimitExceeded(Exception):
-    """A limit on a shared resource is reached; retrying later may succeed."""
+__all__ = ["Limits"]
 
 
 def _utf8_len(text: str) -> int:
@@ -41,32 +36,18 @@ def _utf8_len(text: str) -> int:
 
 
 class Limits:
-    """The per-request limits of one server, and its count of waiting Queries per connection.
-
-    Use from the server's event loop only.
-    """
+    """The per-request limits of one server, read from its settings."""
 
     def __init__(self, settings: Settings) -> None:
-        self.max_update_tasks = settings.max_update_tasks
-        self.max_payload_bytes = settings.max_payload_bytes
-        self.max_group_bytes = settings.max_group_bytes
-        self.max_labels = settings.max_labels
-        self.max_label_key_bytes = settings.max_label_key_bytes
-        self.max_label_value_bytes = settings.max_label_value_bytes
-        self.max_waiting_queries = settings.max_waiting_queries
-        self.max_waiting_per_connection = settings.max_waiting_per_connection
+        self.settings = settings
         # Each label is a map entry of at least 2 bytes on the wire, so a request
         # of N bytes carries at most N // 2 labels per task.
-        self._labels_matter = min(self.max_label_key_bytes, self.max_label_value_bytes, 2 * self.max_labels)
-        self._waiting: dict[str, int] = {}
-
-    # -- request shape: INVALID_ARGUMENT ------------------------------------
+        self._labels_matter = min(settings.max_label_key_bytes, settings.max_label_value_bytes, 2 * settings.max_labels)
 
     def _count(self, what: str, count: int) -> None:
-        if count > self.max_update_tasks:
-            raise BadRequest(
-                f"{what}: {count} is over the limit of {self.max_update_tasks} per request (--max-update-tasks)"
-            )
+        limit = self.settings.max_update_tasks
+        if count > limit:
+            raise BadRequest(f"{what}: {count} is over the limit of {limit} per request (--max-update-tasks)")
 
     def check_update(self, request: pb.UpdateRequest) -> None:
         """How many created tasks, deleted refs and predicates: call before converting any. O(1)."""
@@ -76,7 +57,8 @@ class Limits:
 
     def check_specs(self, specs: Sequence[TaskSpec], size: int, field: str = "created") -> None:
         """Each converted task's payload, group and labels; ``size`` is the request's length. O(tasks)."""
-        max_payload, max_group = self.max_payload_bytes, self.max_group_bytes
+        settings = self.settings
+        max_payload, max_group = settings.max_payload_bytes, settings.max_group_bytes
         labels_matter = self._labels_matter
         if size <= max_payload and size <= max_group and size <= labels_matter:
             return
@@ -95,6 +77,15 @@ class Limits:
             if len(spec.group) > group_quarter:
                 self.check_group(spec.group, f"{field}[{i}].group")
 
+    def check_query(self, request: pb.QueryRequest) -> None:
+        """How many tasks a Query asks for, and its group's length. O(1)."""
+        limit = self.settings.max_query_tasks
+        if request.max_tasks > limit:
+            raise BadRequest(
+                f"max_tasks {request.max_tasks} is above the server's limit of {limit} (--max-query-tasks)"
+            )
+        self.check_group(request.group, "group")
+
     def check_bulk_set(self, request: pb.BulkSetRequest) -> None:
         """The ref count, and the prototype's group and labels (its payload: :meth:`check_body`)."""
         self._count("refs", len(request.ref))
@@ -105,20 +96,21 @@ class Limits:
 
     def check_group(self, group: str, field: str) -> None:
         """A group name's length."""
-        if len(group) * 4 > self.max_group_bytes and (length := _utf8_len(group)) > self.max_group_bytes:
+        limit = self.settings.max_group_bytes
+        if len(group) * 4 > limit and (length := _utf8_len(group)) > limit:
             raise BadRequest(
-                f"{field}: the group name is {length} bytes, over the limit of {self.max_group_bytes} "
-                "(--max-group-bytes)"
+                f"{field}: the group name is {length} bytes, over the limit of {limit} (--max-group-bytes)"
             )
 
     def check_labels(self, labels: Sequence[tuple[str, str]] | Mapping[str, str], field: str) -> None:
         """How many labels, and each key's and value's length."""
+        settings = self.settings
         pairs = labels.items() if isinstance(labels, Mapping) else labels
-        if len(pairs) > self.max_labels:
+        if len(pairs) > settings.max_labels:
             raise BadRequest(
-                f"{field}: {len(pairs)} labels, over the limit of {self.max_labels} per task (--max-labels)"
+                f"{field}: {len(pairs)} labels, over the limit of {settings.max_labels} per task (--max-labels)"
             )
-        max_key, max_value = self.max_label_key_bytes, self.max_label_value_bytes
+        max_key, max_value = settings.max_label_key_bytes, settings.max_label_value_bytes
         for key, value in pairs:
             if len(key) * 4 > max_key and (length := _utf8_len(key)) > max_key:
                 raise BadRequest(
@@ -132,42 +124,10 @@ class Limits:
 
     def check_body(self, body: bytes, field: str) -> bytes:
         """A payload built by the server (BulkSet's merge of old task and prototype); returns it."""
-        if len(body) > self.max_payload_bytes:
+        limit = self.settings.max_payload_bytes
+        if len(body) > limit:
             raise BadRequest(
                 f"{field}: the payload (data, labels, error) would be {len(body)} bytes, over the limit of "
-                f"{self.max_payload_bytes} (--max-payload-bytes)"
+                f"{limit} (--max-payload-bytes)"
             )
         return body
-
-    # -- waiting Queries: RESOURCE_EXHAUSTED -----------------------------------
-
-    @contextmanager
-    def waiting(self, connection: str, total: int) -> Iterator[None]:
-        """Hold one waiting-Query slot of ``connection`` while the block runs.
-
-        ``total`` is how many Queries wait now, server-wide.
-        """
-        if total >= self.max_waiting_queries:
-            raise LimitExceeded(
-                f"{total} Queries are waiting, the server's limit (--max-waiting-queries); try again later"
-            )
-        counts = self._waiting
-        held = counts.get(connection, 0)
-        if held >= self.max_waiting_per_connection:
-            raise LimitExceeded(
-                f"this connection already has {held} waiting Queries, the limit per connection "
-                "(--max-waiting-per-connection); use more connections or fewer waits"
-            )
-        counts[connection] = held + 1
-        try:
-            yield
-        finally:
-            left = counts[connection] - 1
-            if left:
-                counts[connection] = left
-            else:
-                del counts[connection]
-
-    def waiting_on(self, connection: str) -> int:
-        """How many Queries of this connection wait now."""
-        return self._waiting.get(connection, 0)

@@ -22,27 +22,28 @@ import grpc
 from google.protobuf.message import DecodeError, Message
 
 from masstasker._pb import masstasker_pb2 as pb
-from masstasker._wire import RETRY_AFTER_MS
-from masstasker.server.config import WAITING_RETRY_AFTER_MS, Settings
+from masstasker.server.admission import WaitingAdmission
+from masstasker.server.config import Settings
 from masstasker.server.convert import (
     check_timestamp_ns,
-    duration_ns,
     fill_task,
+    labels_tuple,
+    query_from_pb,
     refs_from_pb,
     specs_from_pb,
     timestamp_ns,
 )
-from masstasker.server.limits import LimitExceeded, Limits
+from masstasker.server.durability import DurabilityLost, Persistence
+from masstasker.server.limits import Limits
 from masstasker.server.metrics import RpcMetrics
-from masstasker.server.persistence import DurabilityLost, Persistence
-from masstasker.server.store import BadRequest, NotFound, PreconditionFailed, Store, StoredTask, labels_tuple
-from masstasker.server.waiters import ShuttingDown, Waiters
+from masstasker.server.stores.memory.store import BadRequest, NotFound, PreconditionFailed, Store, StoredTask
+from masstasker.server.stores.memory.waiters import ShuttingDown, Waiters
 
 __all__ = ["SERVICE_NAME", "MassTaskerService"]
 
 SERVICE_NAME = "masstasker.MassTasker"
 
-log = logging.getLogger("masstasker.server")
+log = logging.getLogger(__name__)
 
 M = TypeVar("M", bound=Message)
 
@@ -52,11 +53,8 @@ _CODES: dict[type[BaseException], grpc.StatusCode] = {
     BadRequest: grpc.StatusCode.INVALID_ARGUMENT,
     TimeoutError: grpc.StatusCode.DEADLINE_EXCEEDED,
     ShuttingDown: grpc.StatusCode.UNAVAILABLE,
-    LimitExceeded: grpc.StatusCode.RESOURCE_EXHAUSTED,
     DurabilityLost: grpc.StatusCode.DATA_LOSS,
 }
-
-_RETRY_LATER = ((RETRY_AFTER_MS, str(WAITING_RETRY_AFTER_MS)),)
 
 Handler = Callable[[bytes, grpc.aio.ServicerContext[Any, Any]], Awaitable[bytes]]
 
@@ -75,18 +73,21 @@ class MassTaskerService:
         self,
         store: Store,
         waiters: Waiters,
+        admission: WaitingAdmission,
         settings: Settings,
         metrics: RpcMetrics,
         *,
+        clock: Callable[[], int],
         persistence: Persistence | None = None,
     ) -> None:
         self._store = store
         self._persistence = persistence
         self._waiters = waiters
-        self._settings = settings
+        self._admission = admission
         self._metrics = metrics
         self._limits = Limits(settings)
-        self._clock = time.time_ns
+        # The server's one clock, the store's and the waiters' too: a Query without ``now`` sees what they see.
+        self._clock = clock
 
     def handler(self) -> grpc.GenericRpcHandler:  # type: ignore[type-arg]
         """The generic handler to register with a server."""
@@ -118,7 +119,9 @@ class MassTaskerService:
                 observe("CANCELLED", perf_counter() - start)
                 raise
             except Exception as exc:
-                code = _CODES.get(type(exc))
+                # Our own exceptions map by type; one that knows its status (a full waiting limit, with a
+                # retry-after hint) says so itself.
+                code = _CODES.get(type(exc)) or getattr(exc, "status_code", None)
                 if code is None:
                     log.exception("%s failed", method)
                     code, details = grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}"
@@ -127,9 +130,7 @@ class MassTaskerService:
                 observe(code.name, perf_counter() - start)
                 if debug:
                     log.debug("%s -> %s: %s", method, code.name, details)
-                # A full waiting-Query limit frees up: tell our clients when to ask again.
-                trailing = _RETRY_LATER if type(exc) is LimitExceeded else ()
-                await context.abort(code, details, trailing_metadata=trailing)
+                await context.abort(code, details, trailing_metadata=getattr(exc, "trailing_metadata", ()))
             observe("OK", perf_counter() - start)
             if debug:
                 log.debug("%s -> OK (%d bytes)", method, len(response))
@@ -150,18 +151,12 @@ class MassTaskerService:
     async def query(self, data: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
         """Query: peek at or own the head of a group, waiting for one if asked."""
         request = _parse(pb.QueryRequest, data)
-        own_for = duration_ns(request.own_for, "own_for") if request.HasField("own_for") else 0
-        if own_for < 0:
-            raise BadRequest(f"own_for must not be negative (got {own_for} ns)")
-        max_tasks = request.max_tasks
-        if max_tasks > self._settings.max_query_tasks:
-            raise BadRequest(f"max_tasks {max_tasks} is above the server's limit of {self._settings.max_query_tasks}")
-        group = request.group
-        limits = self._limits
-        limits.check_group(group, "group")
+        self._limits.check_query(request)
+        group, now, own_for, max_tasks, wait = query_from_pb(request)
         store = self._store
         server_now = self._clock()
-        now = timestamp_ns(request.now, "now") if request.HasField("now") else server_now
+        if now is None:
+            now = server_now
 
         def take(now: int) -> list[StoredTask]:
             if own_for:
@@ -170,9 +165,9 @@ class MassTaskerService:
 
         tasks = take(now)
         if not tasks:
-            if not request.wait:
+            if not wait:
                 raise NotFound(f"no visible task in group {group!r}")
-            with limits.waiting(context.peer(), self._waiters.count):
+            with self._admission.admit(context.peer()):
                 tasks = await self._waiters.wait(group, now - server_now, take, context.time_remaining())
         response = pb.QueryResponse()
         fill_task(response.task, tasks[0])

@@ -1,5 +1,9 @@
 """The on-disk encoding shared by the write-ahead log and snapshots. Pure: bytes in, bytes out.
 
+No file I/O here, and only one error, :class:`BadFrame`; the readers in
+:mod:`.files` turn it into a :class:`~.files.CorruptFile` naming the file
+and the offset.
+
 Every unit on disk is a *frame*::
 
     u32 payload length | u32 crc32(payload) | u32 crc32(first 8 bytes) | payload
@@ -25,17 +29,13 @@ from __future__ import annotations
 
 import struct
 import zlib
-from collections.abc import Iterable, Iterator, Sequence
-from typing import BinaryIO
+from collections.abc import Iterable, Sequence
 
-from masstasker.server.store import StoredTask
+from masstasker.server.stores.memory.store import NANOS_PER_SECOND, StoredTask
 
 __all__ = [
     "FRAME_HEADER_SIZE",
     "BadFrame",
-    "CorruptFile",
-    "FrameReader",
-    "PersistenceError",
     "check_payload",
     "decode_change",
     "decode_tasks",
@@ -51,7 +51,6 @@ FRAME_HEADER_SIZE = _FRAME.size
 _CHANGE = struct.Struct("<QII")
 _TASK = struct.Struct("<QqIIII")
 _U32 = struct.Struct("<I")
-_NANOS = 1_000_000_000
 
 _crc32 = zlib.crc32
 
@@ -83,7 +82,7 @@ def check_payload(payload: bytes, crc: int) -> None:
 def _encode_task(out: list[bytes], task: StoredTask) -> None:
     group = task.group.encode()
     labels = task.labels
-    seconds, nanos = divmod(task.not_before, _NANOS)
+    seconds, nanos = divmod(task.not_before, NANOS_PER_SECOND)
     out.append(_TASK.pack(task.id, seconds, nanos, len(group), len(task.body), len(labels) if labels else 0))
     out.append(group)
     out.append(task.body)
@@ -148,9 +147,9 @@ def _decode_tasks(data: bytes, pos: int, count: int) -> tuple[list[StoredTask], 
                 pos += 4 + n
                 pairs.append((key, value))
             labels = tuple(pairs)
-        if nanos >= _NANOS:
+        if nanos >= NANOS_PER_SECOND:
             raise BadFrame(f"task {task_id}: nanos {nanos} out of range")
-        append(StoredTask(task_id, group, seconds * _NANOS + nanos, body, labels))
+        append(StoredTask(task_id, group, seconds * NANOS_PER_SECOND + nanos, body, labels))
     return tasks, pos
 
 
@@ -185,81 +184,3 @@ def decode_change(payload: bytes) -> tuple[int, tuple[int, ...], list[StoredTask
         raise BadFrame(f"malformed change record: {exc}") from None
     _check_end("change record", pos, len(payload))
     return seq, removed, created
-
-
-class PersistenceError(OSError):
-    """The data directory cannot be used: locked, unreadable, or corrupt.
-
-    An ``OSError`` so that the CLI reports it like any other start failure
-    (a port in use) and exits non-zero.
-    """
-
-
-class CorruptFile(PersistenceError):
-    """A file in the data directory is damaged somewhere other than a torn tail."""
-
-    def __init__(self, path: str, offset: int, reason: str) -> None:
-        super().__init__(f"{path}: corrupt at byte offset {offset}: {reason}")
-        self.path = path
-        self.offset = offset
-
-
-class FrameReader:
-    """Iterate ``(offset, payload)`` over the frames of a file, checking every checksum.
-
-    With ``tolerate_torn_tail`` (the newest log segment), damage that a crash
-    in the middle of a write can leave at the very end is not an error: the
-    iteration stops there and :attr:`torn_at` holds the offset where the
-    valid part ends. The tail counts as torn when the last frame is short
-    (its header or payload runs past the end of the file), when the last
-    frame's payload checksum fails, or when a bad header is followed by
-    nothing but zero bytes (space the file system allocated but never
-    wrote). Anything else is :class:`CorruptFile`.
-    """
-
-    def __init__(self, file: BinaryIO, path: str, start: int, size: int, *, tolerate_torn_tail: bool) -> None:
-        self._file = file
-        self._path = path
-        self._start = start
-        self._size = size
-        self._tolerate = tolerate_torn_tail
-        self.torn_at: int | None = None
-
-    def _torn_or_corrupt(self, offset: int, reason: str, torn: bool) -> None:
-        if not (torn and self._tolerate):
-            raise CorruptFile(self._path, offset, reason)
-        self.torn_at = offset
-
-    def _zeros_from(self, offset: int) -> bool:
-        self._file.seek(offset)
-        while block := self._file.read(1 << 16):
-            if block.count(0) != len(block):
-                return False
-        return True
-
-    def __iter__(self) -> Iterator[tuple[int, bytes]]:
-        file, size = self._file, self._size
-        pos = self._start
-        file.seek(pos)
-        while pos < size:
-            if size - pos < FRAME_HEADER_SIZE:
-                self._torn_or_corrupt(pos, "truncated frame header", torn=True)
-                return
-            header = file.read(FRAME_HEADER_SIZE)
-            try:
-                length, crc = parse_frame_header(header)
-            except BadFrame as exc:
-                self._torn_or_corrupt(pos, str(exc), torn=self._zeros_from(pos))
-                return
-            end = pos + FRAME_HEADER_SIZE + length
-            if end > size:
-                self._torn_or_corrupt(pos, f"frame of {length} bytes runs past the end of the file", torn=True)
-                return
-            payload = file.read(length)
-            try:
-                check_payload(payload, crc)
-            except BadFrame as exc:
-                self._torn_or_corrupt(pos, str(exc), torn=end == size)
-                return
-            yield pos, payload
-            pos = end

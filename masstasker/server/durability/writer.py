@@ -1,9 +1,8 @@
-"""The write-ahead log: segment files of change records, written with group commit.
+"""The live side of the write-ahead log: appending change records with group commit.
 
-A segment ``wal-<base>.log`` holds the records numbered ``base + 1`` onwards
-(until the next segment's base), after an 8-byte magic and a frame holding
-``base``. A new segment starts at every start of the server and at every
-snapshot, so a segment is only ever appended to by one process, once.
+Records go to segment files (see :mod:`.files` for their names and header).
+A new segment starts at every start of the server and at every snapshot, so
+a segment is only ever appended to by one process, once.
 
 :class:`LogWriter` is driven from the event loop, which alone touches its
 buffer and counters: :meth:`LogWriter.append` only buffers. A single
@@ -12,6 +11,13 @@ policy) syncs it; while it does, new records pile up in the buffer, and the
 next write takes all of them at once (group commit: one fsync covers every
 record that arrived while the previous one ran). When a write completes,
 the loop advances :attr:`LogWriter.durable` and wakes whoever waits for it.
+
+A failed write or fsync is final: the writer never writes to or syncs that
+file again (after a failed fsync Linux may have dropped the dirty pages and
+report the next fsync as a success), fails everyone waiting, and tells
+:attr:`LogWriter.on_failure`. The server then stops serving and exits so
+that recovery, which reads only what is really in the files, runs again
+(docs/durability.md).
 """
 
 from __future__ import annotations
@@ -19,112 +25,31 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import re
-import struct
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from masstasker.server.config import FSYNC_POLICIES
-from masstasker.server.records import BadFrame, CorruptFile, PersistenceError, frame, parse_frame_header
+from masstasker.server.durability.files import create_segment, write_all
 
-__all__ = [
-    "BATCH_SYNC_INTERVAL",
-    "DurabilityLost",
-    "LogWriter",
-    "create_segment",
-    "fsync_dir",
-    "list_segments",
-    "numbered_files",
-    "segment_path",
-]
+__all__ = ["BATCH_SYNC_INTERVAL", "FSYNC_POLICIES", "DurabilityLost", "LogWriter"]
 
-log = logging.getLogger("masstasker.server.wal")
+log = logging.getLogger(__name__)
 
-#: The fsync policies (FSYNC_POLICIES): ``always``: answer after fsync.
+#: The fsync policies (``--fsync``): ``always``: answer after fsync.
 #: ``batch``: answer after the write reaches the OS, fsync at most
 #: BATCH_SYNC_INTERVAL after the write. ``never``: answer after the write,
 #: let the OS flush when it likes.
+FSYNC_POLICIES = ("always", "batch", "never")
 BATCH_SYNC_INTERVAL = 0.005  # seconds
-
-SEGMENT_MAGIC = b"MTWAL\x00\x01\n"
-_BASE = struct.Struct("<Q")
-SEGMENT_HEADER_SIZE = len(SEGMENT_MAGIC) + len(frame(_BASE.pack(0)))
-_SEGMENT_NAME = re.compile(r"wal-(\d{20})\.log")
 
 
 class DurabilityLost(Exception):
     """A write or fsync of the log failed: nothing from then on can be acknowledged."""
 
 
-def segment_path(directory: Path, base: int) -> Path:
-    """Where the segment starting after record ``base`` lives."""
-    return directory / f"wal-{base:020d}.log"
-
-
-def list_segments(directory: Path) -> list[tuple[int, Path]]:
-    """``(base, path)`` of every segment, oldest first."""
-    return numbered_files(directory, _SEGMENT_NAME)
-
-
-def numbered_files(directory: Path, name: re.Pattern[str]) -> list[tuple[int, Path]]:
-    """``(number, path)`` of the files whose whole name matches ``name`` (one number group), in order."""
-    found = []
-    for path in directory.iterdir():
-        match = name.fullmatch(path.name)
-        if match:
-            found.append((int(match.group(1)), path))
-    return sorted(found)
-
-
-def read_segment_base(data: bytes, path: Path) -> int:
-    """The base recorded in a segment header; CorruptFile if it is damaged."""
-    if data[: len(SEGMENT_MAGIC)] != SEGMENT_MAGIC:
-        raise CorruptFile(str(path), 0, "not a MassTasker log segment (bad magic)")
-    try:
-        length, _ = parse_frame_header(data[len(SEGMENT_MAGIC) : len(SEGMENT_MAGIC) + 12])
-        if length != _BASE.size:
-            raise BadFrame(f"header frame of {length} bytes, expected {_BASE.size}")
-        body = data[len(SEGMENT_MAGIC) + 12 : SEGMENT_HEADER_SIZE]
-        if frame(body) != data[len(SEGMENT_MAGIC) : SEGMENT_HEADER_SIZE]:
-            raise BadFrame("header checksum mismatch")
-    except BadFrame as exc:
-        raise CorruptFile(str(path), len(SEGMENT_MAGIC), str(exc)) from None
-    (base,) = _BASE.unpack(body)
-    return int(base)
-
-
-def fsync_dir(directory: Path) -> None:
-    """Make the directory's entries (created, renamed, removed files) durable."""
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 _datasync = getattr(os, "fdatasync", os.fsync)
-
-
-def create_segment(directory: Path, base: int) -> int:
-    """Create (or empty) segment ``base`` with its header, durably; return an fd open for appending."""
-    path = segment_path(directory, base)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND | getattr(os, "O_CLOEXEC", 0), 0o644)
-    try:
-        _write_all(fd, SEGMENT_MAGIC + frame(_BASE.pack(base)))
-        os.fsync(fd)
-        fsync_dir(directory)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
 
 
 class _Rotate:
@@ -165,6 +90,31 @@ class LogWriter:
         self._sync_timer: asyncio.TimerHandle | None = None
         self._failed: BaseException | None = None
         self._closed = False
+        #: Called on the loop, once, when a write or fsync fails.
+        self.on_failure: Callable[[BaseException], None] | None = None
+        #: Called in the writer thread with the seconds each successful fsync of the log took.
+        self.observe_sync: Callable[[float], None] | None = None
+
+    @property
+    def failure(self) -> BaseException | None:
+        """The error that ended the log (None while it works); nothing is acknowledged after one."""
+        return self._failed
+
+    def _check(self) -> None:
+        """Assert the invariants of the counters and queues (tests call this on the loop)."""
+        assert self.durable <= self.seq, (self.durable, self.seq)
+        previous = self.durable
+        for seq, _ in self._waiting:  # in the order they will be woken, each still pending
+            assert previous <= seq <= self.seq, (previous, seq, self.seq)
+            previous = seq
+        if self._failed is not None:
+            assert not self._waiting, "a failed log leaves no one waiting"
+        elif not self._busy:
+            # Idle: everything appended has been written, and nothing is left to write or wake.
+            assert not self._buffer, len(self._buffer)
+            assert self.durable == self.seq, (self.durable, self.seq)
+            assert not self._waiting, len(self._waiting)
+            assert self._sync_timer is None
 
     # -- the loop side -------------------------------------------------------
 
@@ -239,7 +189,12 @@ class LogWriter:
         exc = future.exception()
         rotations = [item.done for item in items if isinstance(item, _Rotate)]
         if exc is not None:
-            log.critical("write-ahead log write failed; no further change can be acknowledged: %s", exc)
+            log.critical(
+                "durability lost: a write-ahead log write or fsync failed (%s); records after %d are not durable, "
+                "no further change can be acknowledged, and the failed file is never synced again",
+                exc,
+                self.durable,
+            )
             self._failed = exc
             lost = DurabilityLost(f"the write-ahead log failed: {exc}")
             for _, waiter in self._waiting:
@@ -250,6 +205,8 @@ class LogWriter:
                 if not done.done():
                     done.set_exception(lost)
             self._busy = False
+            if self.on_failure is not None:
+                self.on_failure(exc)
             return
         for done in rotations:
             if not done.done():
@@ -280,18 +237,25 @@ class LogWriter:
             if isinstance(item, _Rotate):
                 self._write_chunk(chunk)
                 chunk = []
-                os.fsync(self._fd)
+                self._sync(os.fsync)
                 old, self._fd = self._fd, create_segment(self.directory, item.base)
                 os.close(old)
             else:
                 chunk.append(item)
         self._write_chunk(chunk)
         if sync:
-            _datasync(self._fd)
+            self._sync(_datasync)
+
+    def _sync(self, sync: Callable[[int], None]) -> None:
+        started = time.perf_counter()
+        sync(self._fd)
+        observe = self.observe_sync
+        if observe is not None:
+            observe(time.perf_counter() - started)
 
     def _write_chunk(self, chunk: list[bytes]) -> None:
         if chunk:
-            _write_all(self._fd, chunk[0] if len(chunk) == 1 else b"".join(chunk))
+            write_all(self._fd, chunk[0] if len(chunk) == 1 else b"".join(chunk))
 
     def _finish(self) -> None:
         try:
@@ -299,13 +263,3 @@ class LogWriter:
                 os.fsync(self._fd)
         finally:
             os.close(self._fd)
-
-
-def check_directory(directory: Path) -> None:
-    """PersistenceError unless ``directory`` is (or can be made) a writable directory."""
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise PersistenceError(f"cannot create data directory {directory}: {exc}") from exc
-    if not os.access(directory, os.W_OK | os.X_OK):
-        raise PersistenceError(f"data directory {directory} is not writable")

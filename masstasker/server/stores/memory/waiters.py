@@ -25,7 +25,7 @@ from collections.abc import Callable
 from itertools import islice
 from typing import TypeVar
 
-from masstasker.server.store import Store, StoredTask
+from masstasker.server.stores.memory.store import Store, StoredTask
 
 __all__ = ["ShuttingDown", "Waiters"]
 
@@ -45,11 +45,14 @@ class ShuttingDown(Exception):
 
 
 class _Waiter:
-    __slots__ = ("future", "offset")
+    __slots__ = ("departed", "future", "offset")
 
     def __init__(self, future: asyncio.Future[bool], offset: int) -> None:
         self.future = future
         self.offset = offset
+        # Set when wait() has returned while the entry is still queued: it is dead, counted in _Group.dead.
+        # A cancelled future alone is not enough: wait() may not have run its ``finally`` yet.
+        self.departed = False
 
 
 class _Group:
@@ -73,7 +76,7 @@ class Waiters:
         self._clock = clock
         self._groups: dict[str, _Group] = {}
         self._closed = False
-        self.count = 0  # waiting calls, for metrics and limits
+        self.count = 0  # waiting calls, for metrics
         self.wakeups = 0  # waiters woken by dispatch, ever (tests check there is no thundering herd)
         store.listeners.append(self._on_change)
 
@@ -111,6 +114,8 @@ class Waiters:
                     result = take(self._clock() + offset)
                     if result:
                         return result
+                    if self._closed:  # woken just before release_all: do not queue again
+                        raise ShuttingDown
                     # Someone else was faster: keep our place at the front.
                     waiter.future = loop.create_future()
                     state.queue.appendleft(waiter)
@@ -120,9 +125,10 @@ class Waiters:
             if not waiter.future.done():
                 waiter.future.cancel()
             if waiter.future.cancelled():  # still queued: dispatch will drop it
+                waiter.departed = True
                 state.dead += 1
                 if state.dead > _COMPACT_AFTER and state.dead * 2 > len(state.queue):
-                    state.queue = deque(w for w in state.queue if not w.future.done())
+                    state.queue = deque(w for w in state.queue if not w.departed)
                     state.dead = 0
             # Whatever we leave visible (a peeked task, a wake-up we could not
             # use) goes to the next in line.
@@ -140,15 +146,19 @@ class Waiters:
         # keeps its place, and (only when clocks differ that much) the next few are looked at, so one
         # client with a skewed clock cannot hold up a whole group.
         look_ahead = _LOOK_AHEAD if state.skewed else 1
-        i = 0
-        while i < len(queue) and i < look_ahead:
+        i = passed = 0
+        while i < len(queue) and passed < look_ahead:
             waiter = queue[i]
-            if waiter.future.done():  # departed
-                del queue[i]
-                state.dead -= 1
+            if waiter.future.done():
+                if waiter.departed:
+                    del queue[i]
+                    state.dead -= 1
+                else:  # cancelled, and its wait() has yet to run its ``finally``, which dispatches again
+                    i += 1
                 continue
             if store.visible_count(group, now + waiter.offset) <= state.pending:
                 i += 1
+                passed += 1
                 continue
             del queue[i]
             state.pending += 1
@@ -171,7 +181,9 @@ class Waiters:
             for waiter in state.queue:
                 if not waiter.future.done():
                     waiter.future.set_result(False)
-            state.queue.clear()
+                    state.pending += 1  # each resumes once, and counts itself off
+            # Waiters cancelled but not yet departed still count themselves dead when they leave.
+            state.queue = deque(w for w in state.queue if w.future.cancelled() and not w.departed)
             state.dead = 0
 
     def _arm_timer(self, group: str, state: _Group, now: int, look_ahead: int) -> None:
@@ -208,3 +220,24 @@ class Waiters:
         touched = {task.group for task in created if task.group in groups}
         for group in touched:
             self.dispatch(group)
+
+    def _check(self) -> None:
+        """Assert every invariant; they hold between any two steps of the event loop, where tests call this.
+
+        Every group kept has a queued waiter, a woken one that has not resumed,
+        or a timer; ``pending`` is never negative; ``dead`` counts the departed
+        entries in the queue; :attr:`count` is every queued, not departed
+        waiter plus every woken one.
+        """
+        live = 0
+        for group, state in self._groups.items():
+            assert state.pending >= 0, (group, state.pending)
+            departed = sum(1 for w in state.queue if w.departed)
+            assert state.dead == departed, (group, state.dead, departed)
+            assert all(w.future.done() for w in state.queue if w.departed), group
+            waiting = len(state.queue) - departed
+            assert waiting or state.pending or state.timer is not None, f"empty group {group!r} kept"
+            if self._closed:
+                assert not any(not w.future.done() for w in state.queue), f"{group!r} still waits after release_all"
+            live += waiting + state.pending
+        assert self.count == live, (self.count, live)

@@ -19,7 +19,7 @@ Times are integer nanoseconds since the Unix epoch throughout.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from itertools import islice
 from typing import NamedTuple
@@ -27,6 +27,8 @@ from typing import NamedTuple
 from sortedcontainers import SortedList
 
 __all__ = [
+    "MAX_ID",
+    "NANOS_PER_SECOND",
     "BadRequest",
     "GroupRef",
     "IdRef",
@@ -41,9 +43,13 @@ __all__ = [
     "key_of",
 ]
 
+NANOS_PER_SECOND = 1_000_000_000
+
 _ID_BITS = 64
 _ID_MASK = (1 << _ID_BITS) - 1
 MAX_ID = _ID_MASK
+#: Times (``not_before``, the clock) are integer nanoseconds since the epoch.
+NANOS_PER_SECOND = 1_000_000_000
 
 
 def key_of(not_before: int, task_id: int) -> int:
@@ -134,7 +140,7 @@ class GroupRef:
 
 @dataclass(frozen=True, slots=True)
 class LabelRef:
-    """Selects every task carrying all the given label pairs."""
+    """Selects every task carrying all the given label pairs: at least one (the request's conversion checks)."""
 
     labels: tuple[tuple[str, str], ...]
 
@@ -222,8 +228,7 @@ class Store:
 
         Returns the new IDs in request order. Raises
         :class:`PreconditionFailed` for a missing predicate (checked first),
-        :class:`NotFound` for a missing ID ref, :class:`BadRequest` for an
-        empty selector. Cost: O(log n) per task touched, plus the size of
+        :class:`NotFound` for a missing ID ref. Cost: O(log n) per task touched, plus the size of
         any group or label set a ref selects.
         """
         tasks = self._tasks
@@ -352,14 +357,12 @@ class Store:
                 index = self._groups.get(ref.group)
                 if index:
                     selected.update(dict.fromkeys(k & _ID_MASK for k in index))
-            elif type(ref) is LabelRef:
-                if not ref.labels:
-                    raise BadRequest("empty label selector: use a group ref to select a whole group")
+            elif type(ref) is LabelRef:  # never empty: requests are validated where they are converted
                 sets = sorted((self._labels.get(pair, set()) for pair in ref.labels), key=len)
                 matches = set(sets[0]).intersection(*sets[1:])
                 selected.update(dict.fromkeys(sorted(matches)))
             else:
-                raise BadRequest("task ref has no selector set (id, selector or group)")
+                raise TypeError(f"not a Ref: {ref!r}")
         return list(selected)
 
     def _check_ids(self, count: int) -> None:
@@ -445,8 +448,3 @@ class Store:
             for pair in task.labels or ():
                 expected.setdefault(pair, set()).add(task_id)
         assert expected == self._labels, "label index out of sync"
-
-
-def labels_tuple(labels: Mapping[str, str]) -> tuple[tuple[str, str], ...] | None:
-    """Label pairs in a canonical (sorted) form, or None for no labels."""
-    return tuple(sorted(labels.items())) if labels else None

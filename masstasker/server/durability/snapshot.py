@@ -2,7 +2,7 @@
 
 ``snap-<seq>.snap`` holds the state after log record ``seq``: an 8-byte
 magic, a header frame ``(seq, next_id, task count)``, then frames of up to
-:data:`CHUNK_TASKS` tasks in ID order (see :mod:`records`). It is written
+:data:`CHUNK_TASKS` tasks in ID order (see :mod:`.records`). It is written
 to ``.tmp``, fsynced, renamed into place and the directory fsynced, so a
 snapshot file either is complete or does not exist under its final name.
 """
@@ -16,16 +16,9 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from masstasker.server.records import (
-    BadFrame,
-    CorruptFile,
-    FrameReader,
-    decode_tasks,
-    encode_tasks,
-    frame,
-)
-from masstasker.server.store import BadRequest, Store, StoredTask
-from masstasker.server.wal import fsync_dir, numbered_files
+from masstasker.server.durability.files import CorruptFile, FrameReader, fsync_dir, numbered_files
+from masstasker.server.durability.records import BadFrame, decode_tasks, encode_tasks, frame
+from masstasker.server.stores.memory.store import BadRequest, Store, StoredTask
 
 __all__ = ["CHUNK_TASKS", "list_snapshots", "load_snapshot", "snapshot_path", "write_snapshot"]
 

@@ -1,0 +1,557 @@
+"""The PostgreSQL store: the in-memory store's operations and errors, on a database many servers share.
+
+Each operation is one transaction (most of them one statement, or one
+pipelined round trip plus the commit). Deadlocks and serialization failures
+are retried here, so a client sees only the codes the in-memory store gives;
+a database that cannot be reached, or a statement past its timeout, is
+:class:`~masstasker.server.stores.base.StoreUnavailable` (UNAVAILABLE).
+
+Times are integer nanoseconds since the Unix epoch, as in memory; IDs come
+from one sequence (unique, increasing in allocation order, gaps possible).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
+from typing import Any, LiteralString, TypeVar
+
+import psycopg
+import psycopg_pool
+from psycopg import errors
+
+from masstasker.server.stores.base import StoreUnavailable
+from masstasker.server.stores.memory.store import (
+    BadRequest,
+    GroupRef,
+    IdRef,
+    LabelRef,
+    NotFound,
+    PreconditionFailed,
+    Ref,
+    StoredTask,
+    TaskSpec,
+)
+from masstasker.server.stores.postgres import schema
+from masstasker.server.stores.postgres.codec import (
+    group_bytes,
+    group_from_bytes,
+    join_ns,
+    label_element,
+    labels_column,
+    notify_payload,
+    split_ns,
+)
+from masstasker.server.stores.postgres.listener import Listener
+from masstasker.server.stores.postgres.options import POLL_ONLY_INTERVAL, PgOptions, masked
+from masstasker.server.stores.postgres.statements import Statements, render
+from masstasker.server.stores.postgres.waiting import PgWaiters
+
+__all__ = ["PostgresStore"]
+
+log = logging.getLogger("masstasker.server.postgres")
+
+T = TypeVar("T")
+Conn = psycopg.AsyncConnection[Any]
+
+# The largest ID a bigint sequence hands out; a larger ID in a request cannot exist.
+_MAX_ID = 2**63 - 1
+# Deadlocks and serialization failures are retried this many times before giving up (UNAVAILABLE).
+_RETRIES = 10
+# group_counts is compacted once it holds this many delta rows.
+_COMPACT_AT = 1000
+_COMPACT_EVERY = 5.0
+_STORE = "PostgreSQL store"
+
+
+def _labels_from_column(value: list[str] | None) -> str | None:
+    return " ".join(value) if value else None
+
+
+class PostgresStore:
+    """Tasks in PostgreSQL. Make one with :meth:`open`; every method runs on the server's event loop."""
+
+    def __init__(self, options: PgOptions, clock: Callable[[], int]) -> None:
+        self.options = options
+        self._clock = clock
+        self._sql: Statements = render(options.schema)
+        self._conninfo = options.conninfo()
+        self._pool = psycopg_pool.AsyncConnectionPool(
+            self._conninfo,
+            min_size=options.pool_size,
+            max_size=options.pool_size,
+            open=False,
+            kwargs={
+                "autocommit": True,
+                # A pooler in transaction mode cannot keep server-side prepared statements.
+                "prepare_threshold": None if options.poll_only else 2,
+            },
+            configure=self._configure,
+            timeout=options.statement_timeout,
+            reconnect_timeout=24 * 3600.0,
+            name="masstasker",
+        )
+        self.waiters = PgWaiters(clock, POLL_ONLY_INTERVAL if options.poll_only else options.poll_interval)
+        self._listener = Listener(
+            self._conninfo,
+            options.channel,
+            poll_only=options.poll_only,
+            interval=options.poll_interval,
+            on_notify=self.waiters.signal,
+            on_down=self._on_down,
+            on_up=self._on_up,
+        )
+        self._down: str | None = None  # why the database is unreachable, while it is
+        self._compactor: asyncio.Task[None] | None = None
+        self.schema_version: schema.SchemaVersion | None = None
+        self.retries = 0  # transactions retried after a deadlock or serialization failure, ever
+        #: Called with False when the database is lost and True when it is back (health).
+        self.on_availability: list[Callable[[bool], Coroutine[Any, Any, None]]] = []
+
+    # -- life cycle --------------------------------------------------------------------
+
+    @classmethod
+    async def open(
+        cls, options: PgOptions, clock: Callable[[], int], *, migrate_to: int = schema.LATEST
+    ) -> PostgresStore:
+        """Connect, create or upgrade the schema, listen. Raises StoreUnavailable if the database is not there."""
+        store = cls(options, clock)
+        try:
+            async with await psycopg.AsyncConnection.connect(store._conninfo, autocommit=True) as conn:
+                store.schema_version = await schema.migrate(conn, options.schema, target=migrate_to)
+            await store._pool.open(wait=True, timeout=max(options.connect_timeout, 1.0) * 2)
+            await store._listener.start()
+        except (psycopg.Error, psycopg_pool.PoolTimeout, OSError) as exc:
+            await store._pool.close()
+            raise StoreUnavailable(f"{_STORE} at {masked(options.dsn)}: cannot connect: {exc}") from None
+        store.waiters.start()
+        store._compactor = asyncio.get_running_loop().create_task(
+            store._compact_forever(), name="masstasker-pg-compact"
+        )
+        log.info(
+            "%s at %s, schema %r version %d%s, pool of %d",
+            _STORE,
+            masked(options.dsn),
+            options.schema,
+            store.schema_version.now,
+            " (created)" if store.schema_version.created else "",
+            options.pool_size,
+        )
+        return store
+
+    async def close(self) -> None:
+        """Release waiters, stop the background work, close every connection."""
+        await self.waiters.close()
+        if self._compactor is not None:
+            self._compactor.cancel()
+            await asyncio.gather(self._compactor, return_exceptions=True)
+        await self._listener.close()
+        await self._pool.close()
+
+    @property
+    def available(self) -> bool:
+        """False while the database is unreachable."""
+        return self._down is None
+
+    def _on_down(self, reason: str) -> None:
+        self._down = reason
+        self.waiters.release_all(StoreUnavailable(f"{_STORE} unreachable: {reason}"))
+        for callback in self.on_availability:
+            asyncio.get_running_loop().create_task(callback(False))
+
+    async def _on_up(self) -> None:
+        # Connections from before the outage are dead: replace them before answering again.
+        await self._pool.check()
+        self._down = None
+        self.waiters.reopen()
+        self.waiters.signal(None)  # notifications sent while we were away are lost: everyone looks
+        for callback in self.on_availability:
+            await callback(True)
+
+    async def _configure(self, conn: Conn) -> None:
+        timeout_ms = max(1, round(self.options.statement_timeout * 1000))
+        await conn.execute(f"SET statement_timeout = {timeout_ms}")
+
+    # -- running statements ----------------------------------------------------------------
+
+    async def _run(self, op: Callable[[Conn], Awaitable[T]]) -> T:
+        """Run ``op`` on a pooled connection; retry deadlocks and serialization failures."""
+        if self._down is not None:
+            raise StoreUnavailable(f"{_STORE} unreachable: {self._down}")
+        for attempt in range(_RETRIES):
+            try:
+                async with self._pool.connection() as conn:
+                    return await op(conn)
+            except (errors.SerializationFailure, errors.DeadlockDetected):
+                self.retries += 1
+                if attempt == _RETRIES - 1:
+                    raise StoreUnavailable(f"{_STORE}: still conflicting after {_RETRIES} attempts") from None
+                # Back off a little, at random, so the two sides do not collide again.
+                await asyncio.sleep(random.uniform(0.001, 0.005) * (attempt + 1))
+            except errors.QueryCanceled as exc:
+                raise StoreUnavailable(f"{_STORE}: statement timed out ({exc})") from None
+            except (psycopg.OperationalError, psycopg_pool.PoolTimeout) as exc:
+                raise StoreUnavailable(f"{_STORE} unreachable: {exc}") from None
+        raise AssertionError("unreachable")
+
+    # -- Query ---------------------------------------------------------------------------
+
+    async def query(self, group: str, now: int, own_for: int = 0, max_tasks: int = 1) -> list[StoredTask]:
+        """Up to ``max_tasks`` visible tasks from the head of the group, owned if ``own_for > 0``.
+
+        An empty list means nothing is visible (or every visible task is held
+        by a concurrent transaction).
+        """
+        grp = group_bytes(group)
+        now_s, now_ns = split_ns(now)
+        n = max(max_tasks, 1)
+        if own_for <= 0:
+
+            async def peek(conn: Conn) -> list[StoredTask]:
+                cur = await conn.execute(self._sql.peek_head, {"grp": grp, "now_s": now_s, "now_ns": now_ns, "n": n})
+                return [StoredTask(i, group, join_ns(s, ns), b, None) for i, s, ns, b in await cur.fetchall()]
+
+            return await self._run(peek)
+        until = now + own_for
+        until_s, until_ns = split_ns(until)
+        params = {"grp": grp, "now_s": now_s, "now_ns": now_ns, "n": n, "until_s": until_s, "until_ns": until_ns}
+
+        async def own(conn: Conn) -> list[StoredTask]:
+            cur = await conn.execute(self._sql.own_head, params)
+            rows = sorted(await cur.fetchall())
+            return [StoredTask(i, group, until, b, None) for i, b in rows]
+
+        return await self._run(own)
+
+    async def wait(
+        self, group: str, offset: int, own_for: int, max_tasks: int, timeout: float | None
+    ) -> list[StoredTask]:
+        """Wait for visible tasks and take them as :meth:`query` does; ``now`` is the clock plus ``offset``.
+
+        Raises TimeoutError after ``timeout`` seconds and StoreUnavailable
+        when the database is lost meanwhile.
+        """
+        grp = group_bytes(group)
+        n = max(max_tasks, 1)
+
+        async def take(now: int) -> tuple[list[StoredTask], bool]:
+            if own_for <= 0:
+                # A peek leaves the task where it is: the next waiter sees it too.
+                tasks = await self.query(group, now, 0, n)
+                return tasks, bool(tasks)
+            until = now + own_for
+            now_s, now_ns = split_ns(now)
+            until_s, until_ns = split_ns(until)
+            params = {"grp": grp, "now_s": now_s, "now_ns": now_ns, "n": n, "until_s": until_s, "until_ns": until_ns}
+
+            async def own(conn: Conn) -> tuple[list[StoredTask], bool]:
+                # An explicit transaction: if the waiter's call is cancelled before it commits, the
+                # lease rolls back and the task stays for the next waiter. The peek after the lease
+                # (same round trip) tells whether the next waiter should look too.
+                async with conn.pipeline(), conn.transaction():
+                    cur = await conn.execute(self._sql.own_head, params)
+                    behind = await conn.execute(
+                        self._sql.peek_head, {"grp": grp, "now_s": now_s, "now_ns": now_ns, "n": 1}
+                    )
+                    rows = sorted(await cur.fetchall())
+                    more = bool(await behind.fetchall())
+                return [StoredTask(i, group, until, b, None) for i, b in rows], more
+
+            return await self._run(own)
+
+        async def next_hidden(now: int) -> int | None:
+            now_s, now_ns = split_ns(now)
+
+            async def read(conn: Conn) -> int | None:
+                cur = await conn.execute(self._sql.next_hidden, {"grp": grp, "now_s": now_s, "now_ns": now_ns})
+                row = await cur.fetchone()
+                return None if row is None else join_ns(row[0], row[1])
+
+            return await self._run(read)
+
+        return await self.waiters.wait(group, offset, take, next_hidden, timeout)
+
+    # -- Update and BulkSet ----------------------------------------------------------------
+
+    async def update(
+        self, created: Sequence[TaskSpec], deleted: Sequence[Ref] = (), predicates: Sequence[int] = ()
+    ) -> list[int]:
+        """Check predicates (held until commit), delete what the refs select, create; all or nothing.
+
+        Same errors, in the same order, as the in-memory store's ``update``.
+        """
+        ids, groups, selectors = _split_refs(deleted)
+        new_rows = self._rows(created)
+        if not predicates and not groups and not selectors and not created and len(ids) == 1:
+            # A lease's commit: one statement, one round trip; 0 rows deleted changed nothing.
+            return await self._delete_one(ids[0])
+        if not predicates and not deleted:
+            return await self._create_only(new_rows)
+
+        async def apply(conn: Conn) -> list[int]:
+            async with conn.pipeline(), conn.transaction():
+                pending = await self._send_deletes(conn, predicates, ids, groups, selectors, self._sql.delete_by_ids)
+                inserted = await self._send_inserts(conn, new_rows)
+                await self._check_deletes(pending, predicates, ids)
+                return sorted(row[0] for row in await inserted.fetchall()) if inserted is not None else []
+
+        return await self._run(apply)
+
+    async def bulk_set(
+        self,
+        refs: Sequence[Ref],
+        *,
+        group: str | None = None,
+        not_before: int | None = None,
+        body_patch: Callable[[bytes], bytes] | None = None,
+        labels: tuple[tuple[str, str], ...] | None = None,
+    ) -> int:
+        """Replace every selected task by a copy with the given fields overwritten (as in memory)."""
+        ids, groups, selectors = _split_refs(refs)
+
+        async def apply(conn: Conn) -> int:
+            async with conn.transaction():
+                async with conn.pipeline():
+                    pending = await self._send_deletes(conn, (), ids, groups, selectors, self._sql.take_by_ids)
+                    taken = await self._check_deletes(pending, (), ids)
+                rows = {row[0]: row for row in taken}
+                new_rows = []
+                for old_id in _selection_order(refs, rows):
+                    _, grp, s, ns, body, old_labels = rows[old_id]
+                    if group is not None:
+                        grp = group_bytes(group)
+                    if not_before is not None:
+                        s, ns = split_ns(not_before)
+                    if body_patch is not None:
+                        body = body_patch(bytes(body))
+                    label_text = _labels_from_column(old_labels) if labels is None else labels_column(labels)
+                    new_rows.append((bytes(grp), s, ns, bytes(body), label_text))
+                async with conn.pipeline():
+                    inserted = await self._send_inserts(conn, new_rows)
+                    if inserted is not None:
+                        await inserted.fetchall()
+                return len(new_rows)
+
+        return await self._run(apply)
+
+    def _rows(self, created: Iterable[TaskSpec]) -> list[tuple[bytes, int, int, bytes, str | None]]:
+        """Created tasks as INSERT_TASKS rows; no ``not_before`` means now."""
+        rows = []
+        now: int | None = None
+        for group, not_before, body, labels in created:
+            if not_before is None:
+                if now is None:
+                    now = self._clock()
+                not_before = now
+            s, ns = split_ns(not_before)
+            rows.append((group_bytes(group), s, ns, body, labels_column(labels)))
+        return rows
+
+    async def _delete_one(self, task_id: int) -> list[int]:
+        if task_id > _MAX_ID:
+            raise NotFound(f"task {task_id} does not exist")
+
+        async def apply(conn: Conn) -> list[int]:
+            cur = await conn.execute(self._sql.delete_by_ids, {"ids": [task_id]})
+            if not await cur.fetchall():
+                raise NotFound(f"task {task_id} does not exist")
+            return []
+
+        return await self._run(apply)
+
+    async def _create_only(self, rows: list[tuple[bytes, int, int, bytes, str | None]]) -> list[int]:
+        if not rows:
+            return []
+
+        async def apply(conn: Conn) -> list[int]:
+            # Autocommit: the insert commits, then the notification goes out. One round trip.
+            async with conn.pipeline():
+                inserted = await self._send_inserts(conn, rows)
+                assert inserted is not None
+                return sorted(row[0] for row in await inserted.fetchall())
+
+        return await self._run(apply)
+
+    async def _send_deletes(
+        self,
+        conn: Conn,
+        predicates: Sequence[int],
+        ids: list[int],
+        groups: list[str],
+        selectors: list[tuple[tuple[str, str], ...]],
+        by_ids: LiteralString,
+    ) -> list[psycopg.AsyncCursor[Any]]:
+        """Queue (in a pipeline) the predicate locks and the deletions, IDs first (so overlaps count as found)."""
+        pending: list[psycopg.AsyncCursor[Any]] = []
+        real_predicates = [p for p in predicates if p <= _MAX_ID]
+        if real_predicates:
+            pending.append(await conn.execute(self._sql.lock_predicates, {"ids": real_predicates}))
+        if ids:
+            pending.append(await conn.execute(by_ids, {"ids": [i for i in ids if i <= _MAX_ID]}))
+        take = by_ids is self._sql.take_by_ids
+        if groups:
+            statement = self._sql.take_by_groups if take else self._sql.delete_by_groups
+            pending.append(await conn.execute(statement, {"groups": [group_bytes(g) for g in groups]}))
+        for selector in selectors:
+            statement = self._sql.take_by_labels if take else self._sql.delete_by_labels
+            pending.append(await conn.execute(statement, {"labels": [label_element(k, v) for k, v in selector]}))
+        return pending
+
+    async def _check_deletes(
+        self, cursors: list[psycopg.AsyncCursor[Any]], predicates: Sequence[int], ids: list[int]
+    ) -> list[tuple[Any, ...]]:
+        """Predicates first (FAILED_PRECONDITION), then ID refs (NOT_FOUND); every row deleted."""
+        results = [await cur.fetchall() for cur in cursors]
+        position = 0
+        if any(p <= _MAX_ID for p in predicates):
+            found = {row[0] for row in results[0]}
+            position = 1
+        else:
+            found = set()
+        for pred in predicates:
+            if pred not in found:
+                raise PreconditionFailed(f"predicate task {pred} does not exist")
+        if ids:
+            deleted = {row[0] for row in results[position]}
+            for task_id in ids:
+                if task_id not in deleted:
+                    raise NotFound(f"task {task_id} does not exist")
+        return [row for rows in results[position:] for row in rows]
+
+    async def _send_inserts(
+        self, conn: Conn, rows: list[tuple[bytes, int, int, bytes, str | None]]
+    ) -> psycopg.AsyncCursor[Any] | None:
+        """Queue the inserts and one notification per distinct group; None when there is nothing to insert."""
+        if not rows:
+            return None
+        # Lists: psycopg sends a list as an array (a tuple would be a record).
+        columns = [list(column) for column in zip(*rows, strict=True)]
+        cur = await conn.execute(
+            self._sql.insert_tasks,
+            {"groups": columns[0], "nb_s": columns[1], "nb_ns": columns[2], "bodies": columns[3], "labels": columns[4]},
+        )
+        payloads = sorted({notify_payload(group_from_bytes(g)) for g in dict.fromkeys(columns[0])})
+        await conn.execute(self._sql.notify_groups, {"channel": self.options.channel, "groups": payloads})
+        return cur
+
+    # -- Debug and metrics -----------------------------------------------------------------
+
+    async def debug(self, group: str, limit: int) -> tuple[list[StoredTask], int]:
+        """A group's tasks in queue order (or all tasks in ID order), at most ``limit`` (0: all), and the count.
+
+        Reads only the rows it returns; the count comes from group_counts. Both
+        from one snapshot.
+        """
+        bounded = limit if 0 < limit <= _MAX_ID else None
+
+        async def read(conn: Conn) -> tuple[list[StoredTask], int]:
+            async with conn.pipeline(), conn.transaction():
+                await conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+                if group:
+                    grp = group_bytes(group)
+                    tasks_cur = await conn.execute(self._sql.debug_group, {"grp": grp, "limit": bounded})
+                    count_cur = await conn.execute(self._sql.group_size, {"grp": grp})
+                    tasks = [
+                        StoredTask(i, group, join_ns(s, ns), b, None) for i, s, ns, b in await tasks_cur.fetchall()
+                    ]
+                    row = await count_cur.fetchone()
+                    return tasks, int(row[0]) if row else 0
+                tasks_cur = await conn.execute(self._sql.debug_all, {"limit": bounded})
+                count_cur = await conn.execute(self._sql.group_sizes)
+                tasks = [
+                    StoredTask(i, group_from_bytes(g), join_ns(s, ns), b, None)
+                    for i, g, s, ns, b in await tasks_cur.fetchall()
+                ]
+                return tasks, sum(n for _, n in await count_cur.fetchall())
+
+        return await self._run(read)
+
+    async def group_stats(self, now: int) -> tuple[dict[str, tuple[int, int]], int]:
+        """Every non-empty group's (size, visible at ``now``), and the total; never scans the tasks table."""
+        now_s, now_ns = split_ns(now)
+
+        async def read(conn: Conn) -> tuple[dict[str, tuple[int, int]], int]:
+            async with conn.transaction():
+                await conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+                sizes = {bytes(g): n for g, n in await (await conn.execute(self._sql.group_sizes)).fetchall()}
+                cur = await conn.execute(
+                    self._sql.hidden_counts, {"groups": list(sizes), "now_s": now_s, "now_ns": now_ns}
+                )
+                hidden = {bytes(g): n for g, n in await cur.fetchall()}
+            stats = {group_from_bytes(g): (n, n - hidden.get(g, 0)) for g, n in sizes.items()}
+            return stats, sum(sizes.values())
+
+        return await self._run(read)
+
+    async def compact_counts(self) -> bool:
+        """Fold group_counts' delta rows if there are many; True when it did."""
+
+        async def compact(conn: Conn) -> bool:
+            row = await (await conn.execute(self._sql.count_rows)).fetchone()
+            if row is None or row[0] < _COMPACT_AT:
+                return False
+            await conn.execute(self._sql.compact_counts)
+            return True
+
+        return await self._run(compact)
+
+    async def _compact_forever(self) -> None:
+        while True:
+            await asyncio.sleep(_COMPACT_EVERY)
+            try:
+                await self.compact_counts()
+            except StoreUnavailable as exc:
+                log.debug("group count compaction skipped: %s", exc)
+
+    async def bootstrap(self, group: str) -> bool:
+        """Create the bootstrap task on the schema's first start only (as a data directory's first start)."""
+        rows = self._rows([TaskSpec(group, None)])
+
+        async def apply(conn: Conn) -> bool:
+            async with conn.transaction():
+                if not await schema.claim_bootstrap(conn, self.options.schema):
+                    return False
+                async with conn.pipeline():
+                    inserted = await self._send_inserts(conn, rows)
+                    assert inserted is not None
+                    await inserted.fetchall()
+                return True
+
+        return await self._run(apply)
+
+
+def _split_refs(refs: Iterable[Ref]) -> tuple[list[int], list[str], list[tuple[tuple[str, str], ...]]]:
+    """ID, group and label refs apart, in request order; malformed refs are BadRequest."""
+    ids: list[int] = []
+    groups: list[str] = []
+    selectors: list[tuple[tuple[str, str], ...]] = []
+    for ref in refs:
+        if type(ref) is IdRef:
+            ids.append(ref.id)
+        elif type(ref) is GroupRef:
+            groups.append(ref.group)
+        elif type(ref) is LabelRef:
+            if not ref.labels:
+                raise BadRequest("empty label selector: use a group ref to select a whole group")
+            selectors.append(ref.labels)
+        else:
+            raise BadRequest("task ref has no selector set (id, selector or group)")
+    return ids, groups, selectors
+
+
+def _selection_order(refs: Iterable[Ref], rows: dict[int, tuple[Any, ...]]) -> list[int]:
+    """The taken IDs in the order the in-memory store selects them (so new IDs are assigned alike)."""
+    order: dict[int, None] = {}
+    for ref in refs:
+        if type(ref) is IdRef:
+            order[ref.id] = None
+        elif type(ref) is GroupRef:
+            grp = group_bytes(ref.group)
+            members = sorted((r[2], r[3], i) for i, r in rows.items() if bytes(r[1]) == grp)
+            order.update(dict.fromkeys(i for _, _, i in members))
+        elif type(ref) is LabelRef:
+            wanted = {label_element(k, v) for k, v in ref.labels}
+            order.update(dict.fromkeys(sorted(i for i, r in rows.items() if r[5] and wanted <= set(r[5]))))
+    return list(order)
