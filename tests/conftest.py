@@ -53,7 +53,7 @@ def check_store(server: BackgroundServer) -> Iterator[Callable[[], None]]:
     """Call to assert the server's store invariants; also runs after the test."""
 
     def check() -> None:
-        server.call(lambda s: s.store._check())
+        server.call(lambda s: s.store.check())
 
     yield check
     check()

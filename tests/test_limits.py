@@ -70,7 +70,7 @@ def update_of_size(size: int) -> pb.UpdateRequest:
 
 
 def store_size(server: BackgroundServer) -> int:
-    return int(server.call(lambda s: (s.store._check(), len(s.store))[1]))
+    return int(server.call(lambda s: s.store.size()))
 
 
 # -- message size (gRPC's own limit) ------------------------------------------------------------------------------

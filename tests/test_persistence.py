@@ -36,11 +36,12 @@ State = tuple[list[tuple[int, str, int, bytes, Any]], int]
 
 def _state(server: BackgroundServer) -> State:
     def read(s: Any) -> State:
-        s.store._check()
-        if s.persistence is not None:
-            s.persistence._check()
-        tasks = [(t.id, t.group, t.not_before, t.body, t.labels) for t in s.store.all_tasks()]
-        return tasks, s.store.next_id
+        memory = s.store.store  # the in-memory Store behind the store seam
+        memory._check()
+        if s.store.persistence is not None:
+            s.store.persistence._check()
+        tasks = [(t.id, t.group, t.not_before, t.body, t.labels) for t in memory.all_tasks()]
+        return tasks, memory.next_id
 
     result: State = server.call(read)
     return result
@@ -341,7 +342,7 @@ def test_nothing_is_answered_before_its_record_is_synced(
     channel, stub = _stub(server)
     with channel:
         update = stub.Update.future(pb.UpdateRequest(created=[pb.Task(group="g")]), timeout=20)
-        _wait_until(lambda: server.call(lambda s: len(s.store)) == 1)  # committed in memory, not yet synced
+        _wait_until(lambda: server.call(lambda s: s.store.size()) == 1)  # committed in memory, not yet synced
         # A peek and a Debug would reveal the new task: they wait for the same sync.
         peek = stub.Query.future(pb.QueryRequest(group="g"), timeout=20)
         debug = stub.Debug.future(pb.DebugRequest(), timeout=20)
@@ -395,7 +396,7 @@ def test_a_failed_sync_is_never_acknowledged(
 
 def test_memory_only_by_default(server: BackgroundServer) -> None:
     assert server.settings.data_dir == ""
-    assert server.call(lambda s: s.persistence) is None
+    assert server.call(lambda s: s.store.persistence) is None
 
 
 def test_flags_and_environment() -> None:

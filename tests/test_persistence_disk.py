@@ -153,8 +153,9 @@ def _recovered_ids(data: Path, *, then_create: bool = False) -> set[int]:
     with BackgroundServer(Settings(port=0, listen_http="", data_dir=str(data))) as server:
 
         def read(s: Server) -> set[int]:
-            s.store._check()
-            return {t.id for t in s.store.all_tasks()}
+            memory = s.store.store  # type: ignore[attr-defined]  # the in-memory Store behind the seam
+            memory._check()
+            return {t.id for t in memory.all_tasks()}
 
         ids: set[int] = server.call(read)
         if then_create:

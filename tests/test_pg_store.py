@@ -19,13 +19,13 @@ import pytest
 
 psycopg = pytest.importorskip("psycopg")
 
-from masstasker.server.stores.base import StoreUnavailable  # noqa: E402
-from masstasker.server.stores.memory.store import (  # noqa: E402
+from masstasker.server.stores.base import (  # noqa: E402
     GroupRef,
     IdRef,
     LabelRef,
     NotFound,
     PreconditionFailed,
+    StoreUnavailable,
     TaskSpec,
 )
 from masstasker.server.stores.postgres import schema  # noqa: E402
@@ -464,10 +464,10 @@ def test_losing_the_database_is_unavailable_then_recovers(
         async with opened(postgresql_dsn, postgresql_schema) as store:
             changes: list[bool] = []
 
-            async def record(up: bool) -> None:
-                changes.append(up)
+            async def record(reason: str | None) -> None:
+                changes.append(reason is None)
 
-            store.on_availability.append(record)
+            store.on_availability(record)
             (kept,) = await store.update([spec("kept")])
             waiting = asyncio.create_task(store.wait("empty", 0, 0, 1, 60.0))
             await eventually(lambda: asyncio.sleep(0, store.waiters.count == 1), "the waiter")

@@ -117,7 +117,7 @@ def test_missing_wrong_and_right_token(auth_server: BackgroundServer, auth_chann
     assert (code, "not a bearer token" in details) == (grpc.StatusCode.UNAUTHENTICATED, True)
     code, details = _code(lambda: stub.Update(request, timeout=TIMEOUT, metadata=bearer("guess")))
     assert (code, details) == (grpc.StatusCode.UNAUTHENTICATED, "the bearer token is not accepted")
-    assert auth_server.call(lambda s: len(s.store)) == 0
+    assert auth_server.call(lambda s: s.store.size()) == 0
     assert list(stub.Update(request, timeout=TIMEOUT, metadata=bearer(OLD)).created_ids) == [1]
 
 

@@ -178,7 +178,7 @@ def test_client_with_a_client_certificate(make_server: Callable[..., BackgroundS
     for refused in (no_certificate, stranger):
         with Client(server.target, credentials=refused) as client, pytest.raises(Unavailable):
             client.create(new_task("g"), timeout=10)
-    assert server.call(lambda s: len(s.store)) == 1
+    assert server.call(lambda s: s.store.size()) == 1
 
 
 # -- AsyncClient -----------------------------------------------------------------------------------------------

@@ -35,11 +35,11 @@ def masstasker_client_options(tmp_path: Path, masstasker_server_settings: dict[s
 
 def test_client_fixture_uses_tls_and_the_token(masstasker_client: Client, masstasker_server: BackgroundServer) -> None:
     masstasker_client.create(new_task("g"))
-    assert masstasker_server.call(lambda s: len(s.store)) == 1
+    assert masstasker_server.call(lambda s: s.store.size()) == 1
     assert masstasker_server.settings.tls_cert
     with Client(masstasker_server.target, token=TOKEN) as plaintext, pytest.raises(Unavailable):
         plaintext.create(new_task("g"), timeout=10)  # so the fixture's client did use TLS
-    assert masstasker_server.call(lambda s: len(s.store)) == 1
+    assert masstasker_server.call(lambda s: s.store.size()) == 1
 
 
 def test_factory_options_win(masstasker_client_factory: Any) -> None:
@@ -64,4 +64,4 @@ def test_async_client_fixture_uses_tls_and_the_token(
                 await anonymous.create(new_task("g"), timeout=10)
 
     asyncio.run(main())
-    assert masstasker_server.call(lambda s: len(s.store)) == 1  # only the fixture's client got through
+    assert masstasker_server.call(lambda s: s.store.size()) == 1  # only the fixture's client got through

@@ -69,7 +69,7 @@ def test_plaintext_client_fails(tls_server: BackgroundServer, open_channel: Call
     with pytest.raises(grpc.RpcError) as err:
         _update(open_channel(tls_server.target, None))
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE
-    assert tls_server.call(lambda s: len(s.store)) == 0
+    assert tls_server.call(lambda s: s.store.size()) == 0
 
 
 def test_client_that_does_not_trust_the_ca_fails(
@@ -98,7 +98,7 @@ def test_mtls_rejects_a_client_without_certificate(
     with pytest.raises(grpc.RpcError) as err:
         _update(channel)
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE
-    assert mtls_server.call(lambda s: len(s.store)) == 0
+    assert mtls_server.call(lambda s: s.store.size()) == 0
 
 
 def test_mtls_rejects_a_certificate_from_another_ca(

@@ -119,7 +119,7 @@ def test_a_failed_start_releases_what_it_had_started(tmp_path: Path) -> None:
             failed.stop()
     # The directory's lock was released: another server can use it.
     with BackgroundServer(Settings(port=0, listen_http="", data_dir=str(tmp_path))) as server:
-        assert server.call(lambda s: s.persistence is not None)
+        assert server.call(lambda s: s.store.persistence is not None)
 
 
 def test_predicate_is_checked_before_delete(stub: pb_grpc.MassTaskerStub) -> None:

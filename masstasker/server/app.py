@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import inspect
 import logging
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from contextlib import AsyncExitStack
 from types import TracebackType
 from typing import Any
@@ -27,13 +28,12 @@ from prometheus_client import CollectorRegistry
 
 from masstasker.server.admission import WaitingAdmission
 from masstasker.server.auth import TokenInterceptor, TokenSet
-from masstasker.server.config import Settings, check_security, dial_host, format_address, parse_address
-from masstasker.server.durability import Persistence, PersistenceError
+from masstasker.server.config import Settings, check_security, check_store, dial_host, format_address, parse_address
 from masstasker.server.metrics import GroupStats, RpcMetrics, StoreCollector
 from masstasker.server.metrics_http import start_metrics_http
 from masstasker.server.service import SERVICE_NAME, MassTaskerService
-from masstasker.server.stores.memory.store import Store, TaskSpec
-from masstasker.server.stores.memory.waiters import Waiters
+from masstasker.server.stores import open_store
+from masstasker.server.stores.base import TaskStore
 from masstasker.server.tls import exposure_warnings, server_credentials
 
 __all__ = ["GC_THRESHOLDS", "BackgroundServer", "Server", "serve", "start", "tune_gc"]
@@ -55,32 +55,30 @@ class Server:
         *,
         grpc_server: grpc.aio.Server,
         health: HealthServicer,
-        store: Store,
-        waiters: Waiters,
+        store: TaskStore,
         admission: WaitingAdmission,
         settings: Settings,
         host: str,
         port: int,
         registry: CollectorRegistry,
         tokens: TokenSet | None,
-        persistence: Persistence | None,
         http: WSGIServer | None,
     ) -> None:
         self.store = store
-        self.waiters = waiters
+        self.waiters = store.waiters
         self.admission = admission  # the waiting-Query counts and limits
         self.host = host
         self.port = port
         self.settings = settings
         self.registry = registry  # this server's metrics, served or not
         self.tokens = tokens  # the accepted bearer tokens, when --auth-token-file is set
-        self.persistence = persistence
         self.http_port: int | None = http.server_port if http is not None else None
         self._grpc = grpc_server
         self._health = health
         self._http = http
         self._stopped = False
-        self._durability_watch: asyncio.Task[None] | None = None
+        self._store_watch: asyncio.Task[str] | None = None
+        self.failure: str | None = None  # why the store failed for good, once it has
 
     @property
     def target(self) -> str:
@@ -92,16 +90,15 @@ class Server:
         if self._stopped:
             return
         self._stopped = True
-        if self._durability_watch is not None:
-            self._durability_watch.cancel()
+        if self._store_watch is not None:
+            self._store_watch.cancel()
         await self._health.enter_graceful_shutdown()
-        self.waiters.release_all()
+        self.store.release_waiters()
         await self._grpc.stop(self.settings.shutdown_grace if grace is None else grace)
         if self._http is not None:
             self._http.shutdown()
             self._http.server_close()
-        if self.persistence is not None:
-            await self.persistence.close()
+        await self.store.close()
 
     def reload_tokens(self) -> bool:
         """Re-read ``--auth-token-file`` (SIGHUP does this); calls in flight are not affected.
@@ -113,36 +110,44 @@ class Server:
             return False
         return self.tokens.reload()
 
-    def watch_durability(self) -> None:
-        """Turn health NOT_SERVING the moment a log write or fsync fails (docs/durability.md)."""
-        if self.persistence is not None and self._durability_watch is None:
-            self._durability_watch = asyncio.get_running_loop().create_task(
-                _not_serving_once_durability_is_lost(self.persistence, self._health)
-            )
+    def watch_store(self) -> None:
+        """Health follows the store: NOT_SERVING while it is unavailable (a lost database) or once it failed
+        for good (a lost data directory, docs/durability.md), SERVING again when it is back."""
+        if self._store_watch is not None:
+            return
+
+        async def follow(reason: str | None) -> None:
+            status = _SERVING if reason is None else _NOT_SERVING
+            for name in ("", SERVICE_NAME):
+                await self._health.set(name, status)
+            if reason is None:
+                log.warning("health is SERVING again: the %s is back", self.store.name)
+            else:
+                log.error("health is NOT_SERVING: %s", reason)
+
+        self.store.on_availability(follow)
+        self._store_watch = asyncio.get_running_loop().create_task(self._until_store_fails())
+
+    async def _until_store_fails(self) -> str:
+        failure = self.failure = await self.store.failed()
+        for name in ("", SERVICE_NAME):
+            await self._health.set(name, _NOT_SERVING)
+        log.critical("health is NOT_SERVING: %s", failure)
+        return failure
 
     async def wait_for_termination(self) -> None:
         """Return when the gRPC server has stopped."""
         await self._grpc.wait_for_termination()
 
 
-def _group_stats(store: Store, waiters: Waiters, clock: Callable[[], int]) -> Callable[[], tuple[GroupStats, int, int]]:
-    def read() -> tuple[GroupStats, int, int]:
-        now = clock()
-        stats = {group: (size, store.visible_count(group, now)) for group, size in store.groups()}
-        return stats, len(waiters), len(store)
+def _group_stats(
+    store: TaskStore, clock: Callable[[], int]
+) -> Callable[[], Coroutine[Any, Any, tuple[GroupStats, int, int]]]:
+    async def read() -> tuple[GroupStats, int, int]:
+        stats, total = await store.group_stats(clock())
+        return stats, store.waiters.count, total
 
     return read
-
-
-async def _open_persistence(settings: Settings, store: Store, cleanup: AsyncExitStack) -> Persistence | None:
-    """With ``--data-dir``: recover the store from it, and close it if the start fails."""
-    if not settings.data_dir:
-        return None
-    persistence = await Persistence.open(
-        settings.data_dir, store, fsync=settings.fsync, snapshot_min_log_bytes=settings.snapshot_min_log_bytes
-    )
-    cleanup.push_async_callback(persistence.close)
-    return persistence
 
 
 def _grpc_server(
@@ -176,23 +181,21 @@ def _bind(server: grpc.aio.Server, address: str, credentials: grpc.ServerCredent
     return parse_address(address)[0], port
 
 
-def _bootstrap(settings: Settings, store: Store, persistence: Persistence | None) -> None:
-    """Create the bootstrap task, if asked for and its group is empty.
+async def _bootstrap(settings: Settings, store: TaskStore) -> None:
+    """Create the bootstrap task, if asked for, on the store's first start and if its group is empty.
 
-    With a data directory, only its very first start does: after a restart, an
+    After that first start (of a data directory, or of a PostgreSQL schema), an
     empty group means the job consumed it.
     """
     group = settings.bootstrap_task_group
-    fresh = persistence is None or persistence.fresh
-    if group and fresh and not store.group_size(group):
-        store.update([TaskSpec(group, None)])
+    if group and await store.bootstrap(group):
         log.info("created the bootstrap task in group %r", group)
 
 
 def _serve_metrics(
     settings: Settings,
     registry: CollectorRegistry,
-    group_stats: Callable[[], tuple[GroupStats, int, int]],
+    group_stats: Callable[[], Coroutine[Any, Any, tuple[GroupStats, int, int]]],
     tokens: TokenSet | None,
     cleanup: AsyncExitStack,
 ) -> WSGIServer | None:
@@ -222,47 +225,39 @@ async def start(settings: Settings, *, clock: Callable[[], int] = time.time_ns) 
     the token file cannot be used, ValueError when the security settings
     contradict each other; whatever was started by then is stopped again.
     """
-    problem = check_security(settings)
+    problem = check_security(settings) or check_store(settings)
     if problem:
         raise ValueError(problem)
     tokens = TokenSet(settings.auth_token_file) if settings.auth_token_file else None
     credentials = server_credentials(settings)
     async with AsyncExitStack() as cleanup:
-        store = Store(clock)
-        persistence = await _open_persistence(settings, store, cleanup)
-        waiters = Waiters(store, clock)
+        store = await open_store(settings, clock)
+        cleanup.push_async_callback(store.close)
         admission = WaitingAdmission(settings)
         registry = CollectorRegistry(auto_describe=False)
-        if persistence is not None:
-            persistence.register_metrics(registry)
-        service = MassTaskerService(
-            store, waiters, admission, settings, RpcMetrics(registry), clock=clock, persistence=persistence
-        )
+        store.register_metrics(registry)
+        service = MassTaskerService(store, admission, settings, RpcMetrics(registry), clock=clock)
         grpc_server, health_servicer = _grpc_server(settings, service, admission, tokens)
         host, port = _bind(grpc_server, settings.rpc_address, credentials)
-        _bootstrap(settings, store, persistence)
-        if persistence is not None:
-            await persistence.sync()
+        await _bootstrap(settings, store)
         await grpc_server.start()
         cleanup.push_async_callback(grpc_server.stop, None)
-        http = _serve_metrics(settings, registry, _group_stats(store, waiters, clock), tokens, cleanup)
+        http = _serve_metrics(settings, registry, _group_stats(store, clock), tokens, cleanup)
         server = Server(
             grpc_server=grpc_server,
             health=health_servicer,
             store=store,
-            waiters=waiters,
             admission=admission,
             settings=settings,
             host=host,
             port=port,
             registry=registry,
             tokens=tokens,
-            persistence=persistence,
             http=http,
         )
         await health_servicer.set("", _SERVING)
         await health_servicer.set(SERVICE_NAME, _SERVING)
-        server.watch_durability()
+        server.watch_store()
         _log_started(settings, host, port, tokens, tls=credentials is not None)
         cleanup.pop_all()  # started: from now on Server.stop() releases everything
     return server
@@ -279,23 +274,15 @@ def _log_started(settings: Settings, host: str, port: int, tokens: TokenSet | No
         log.warning("%s", warning)
 
 
-# -- a lost data directory (docs/durability.md) ------------------------------------------------------------
+# -- a store that fails for good (a lost data directory, docs/durability.md) ----------------------------------
 
 
-async def _not_serving_once_durability_is_lost(persistence: Persistence, health_servicer: HealthServicer) -> None:
-    """Health answers NOT_SERVING from the moment a log write or fsync fails; :func:`serve` then exits."""
-    failure = await persistence.lost()
-    for name in ("", SERVICE_NAME):
-        await health_servicer.set(name, _NOT_SERVING)
-    log.critical("health is NOT_SERVING: durability lost (%s)", failure)
-
-
-async def _stop_requested_or_durability_lost(stopping: asyncio.Event, server: Server) -> None:
-    # The watch task, not the bare loss: once it is done, health already says NOT_SERVING and why.
+async def _stop_requested_or_store_failed(stopping: asyncio.Event, server: Server) -> None:
+    # The watch task, not the bare failure: once it is done, health already says NOT_SERVING and why.
     stop_requested = asyncio.ensure_future(stopping.wait())
     waits: list[asyncio.Future[Any]] = [stop_requested]
-    if server._durability_watch is not None:
-        waits.append(server._durability_watch)
+    if server._store_watch is not None:
+        waits.append(server._store_watch)
     try:
         await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
     finally:
@@ -327,19 +314,15 @@ async def serve(settings: Settings) -> None:
         loop.add_signal_handler(sig, stopping.set)
     # Also when there is no token file: SIGHUP's default action would kill the server.
     loop.add_signal_handler(signal.SIGHUP, server.reload_tokens)
-    await _stop_requested_or_durability_lost(stopping, server)
-    failure = server.persistence.failure if server.persistence is not None else None
+    await _stop_requested_or_store_failed(stopping, server)
+    failure = server.failure
     if failure is not None:
-        log.critical(
-            "exiting because durability was lost (%s): a restart recovers every acknowledged change from %s",
-            failure,
-            settings.data_dir,
-        )
+        log.critical("exiting because %s: a restart recovers every acknowledged change", failure)
     log.info("shutting down: %.1f s for in-flight calls", settings.shutdown_grace)
     await server.stop()
     log.info("stopped")
     if failure is not None:
-        raise PersistenceError(f"durability lost: {failure}") from failure
+        raise OSError(failure)
 
 
 class BackgroundServer:
@@ -374,7 +357,9 @@ class BackgroundServer:
         server = self.server
 
         async def run() -> Any:
-            return fn(server)
+            result = fn(server)
+            # A store's methods are coroutines: await them on the server's loop too.
+            return await result if inspect.isawaitable(result) else result
 
         return asyncio.run_coroutine_threadsafe(run(), self._loop).result(_START_TIMEOUT)
 

@@ -8,7 +8,7 @@ Prometheus scrapes, never on the RPC path.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -58,17 +58,16 @@ class RpcMetrics:
 
 
 class StoreCollector(Collector):
-    """Gauges read from the store on its event loop when scraped."""
+    """Gauges read from the store on its event loop when scraped (``read`` is a coroutine function)."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, read: Callable[[], tuple[GroupStats, int, int]]) -> None:
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, read: Callable[[], Coroutine[Any, Any, tuple[GroupStats, int, int]]]
+    ) -> None:
         self._loop = loop
         self._read = read
 
     def collect(self) -> Iterator[Any]:
-        async def read() -> tuple[GroupStats, int, int]:
-            return self._read()
-
-        groups, waiting, total = asyncio.run_coroutine_threadsafe(read(), self._loop).result(_SCRAPE_TIMEOUT)
+        groups, waiting, total = asyncio.run_coroutine_threadsafe(self._read(), self._loop).result(_SCRAPE_TIMEOUT)
         num = GaugeMetricFamily("masstasker_num_tasks", "Tasks in each group", labels=["group"])
         visible = GaugeMetricFamily(
             "masstasker_visible_tasks", "Tasks in each group that a Query could get now", labels=["group"]

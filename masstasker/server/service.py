@@ -5,8 +5,9 @@ that a request that does not parse gets INVALID_ARGUMENT from us rather than
 a generic error from the gRPC layer, and so responses are built straight
 into their final message without intermediate copies.
 
-All store work runs on the server's event loop, one handler step at a time:
-each RPC's changes are atomic without locks.
+The servicer talks to a :class:`~masstasker.server.stores.base.TaskStore`
+and never learns which store runs: each RPC is one atomic store operation
+(plus, for a waiting Query, the wait).
 """
 
 from __future__ import annotations
@@ -33,11 +34,9 @@ from masstasker.server.convert import (
     specs_from_pb,
     timestamp_ns,
 )
-from masstasker.server.durability import DurabilityLost, Persistence
 from masstasker.server.limits import Limits
 from masstasker.server.metrics import RpcMetrics
-from masstasker.server.stores.memory.store import BadRequest, NotFound, PreconditionFailed, Store, StoredTask
-from masstasker.server.stores.memory.waiters import ShuttingDown, Waiters
+from masstasker.server.stores.base import BadRequest, NotFound, PreconditionFailed, TaskStore
 
 __all__ = ["SERVICE_NAME", "MassTaskerService"]
 
@@ -52,8 +51,6 @@ _CODES: dict[type[BaseException], grpc.StatusCode] = {
     NotFound: grpc.StatusCode.NOT_FOUND,
     BadRequest: grpc.StatusCode.INVALID_ARGUMENT,
     TimeoutError: grpc.StatusCode.DEADLINE_EXCEEDED,
-    ShuttingDown: grpc.StatusCode.UNAVAILABLE,
-    DurabilityLost: grpc.StatusCode.DATA_LOSS,
 }
 
 Handler = Callable[[bytes, grpc.aio.ServicerContext[Any, Any]], Awaitable[bytes]]
@@ -71,18 +68,14 @@ class MassTaskerService:
 
     def __init__(
         self,
-        store: Store,
-        waiters: Waiters,
+        store: TaskStore,
         admission: WaitingAdmission,
         settings: Settings,
         metrics: RpcMetrics,
         *,
         clock: Callable[[], int],
-        persistence: Persistence | None = None,
     ) -> None:
         self._store = store
-        self._persistence = persistence
-        self._waiters = waiters
         self._admission = admission
         self._metrics = metrics
         self._limits = Limits(settings)
@@ -92,18 +85,14 @@ class MassTaskerService:
     def handler(self) -> grpc.GenericRpcHandler:  # type: ignore[type-arg]
         """The generic handler to register with a server."""
         methods = {
-            "Update": self._wrap("Update", self._durable(self.update)),
-            "Query": self._wrap("Query", self._durable(self.query)),
-            "BulkSet": self._wrap("BulkSet", self._durable(self.bulk_set)),
-            "Debug": self._wrap("Debug", self._durable(self.debug)),
+            "Update": self._wrap("Update", self.update),
+            "Query": self._wrap("Query", self.query),
+            "BulkSet": self._wrap("BulkSet", self.bulk_set),
+            "Debug": self._wrap("Debug", self.debug),
         }
         return grpc.method_handlers_generic_handler(
             SERVICE_NAME, {name: grpc.unary_unary_rpc_method_handler(fn) for name, fn in methods.items()}
         )
-
-    def _durable(self, fn: Callable[[bytes, Any], Awaitable[bytes]]) -> Callable[[bytes, Any], Awaitable[bytes]]:
-        """With a data directory: answer only once everything committed so far is durable."""
-        return fn if self._persistence is None else self._persistence.acknowledging(fn)
 
     def _wrap(self, method: str, fn: Callable[[bytes, Any], Awaitable[bytes]]) -> Handler:
         """Status-code mapping, metrics and debug logging around one RPC."""
@@ -145,7 +134,7 @@ class MassTaskerService:
         limits.check_update(request)
         created = specs_from_pb(request.created)
         limits.check_specs(created, len(data))
-        ids = self._store.update(created, refs_from_pb(request.deleted), request.predicates)
+        ids = await self._store.update(created, refs_from_pb(request.deleted), request.predicates)
         return pb.UpdateResponse(created_ids=ids).SerializeToString()
 
     async def query(self, data: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
@@ -157,18 +146,14 @@ class MassTaskerService:
         server_now = self._clock()
         if now is None:
             now = server_now
-
-        def take(now: int) -> list[StoredTask]:
-            if own_for:
-                check_timestamp_ns(now + own_for, "now + own_for")
-            return store.query(group, now, own_for, max_tasks)
-
-        tasks = take(now)
+        if own_for:
+            check_timestamp_ns(now + own_for, "now + own_for")
+        tasks = await store.query(group, now, own_for, max_tasks)
         if not tasks:
             if not wait:
                 raise NotFound(f"no visible task in group {group!r}")
             with self._admission.admit(context.peer()):
-                tasks = await self._waiters.wait(group, now - server_now, take, context.time_remaining())
+                tasks = await store.wait(group, now - server_now, own_for, max_tasks, context.time_remaining())
         response = pb.QueryResponse()
         fill_task(response.task, tasks[0])
         if max_tasks > 1:
@@ -198,7 +183,7 @@ class MassTaskerService:
                     task.error = proto.error
                 return check_body(task.SerializeToString(), "a rewritten task")
 
-        count = self._store.bulk_set(
+        count = await self._store.bulk_set(
             refs_from_pb(request.ref),
             group=proto.group or None,
             not_before=not_before,
@@ -210,15 +195,9 @@ class MassTaskerService:
     async def debug(self, data: bytes, context: object) -> bytes:
         """Debug: a group's tasks in queue order, or all tasks in ID order."""
         request = _parse(pb.DebugRequest, data)
-        store = self._store
         # A uint64 limit can exceed what islice() takes (found by fuzzing: was INTERNAL); no store is that big.
         limit = min(request.limit, sys.maxsize)
-        if request.group:
-            tasks = store.group_tasks(request.group, limit)
-            total = store.group_size(request.group)
-        else:
-            tasks = store.all_tasks(limit)
-            total = len(store)
+        tasks, total = await self._store.debug(request.group, limit)
         response = pb.DebugResponse(num_tasks=total)
         add = response.tasks.add
         for task in tasks:

@@ -31,6 +31,8 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import grpc
+
 from masstasker.server.durability.files import create_segment, write_all
 
 __all__ = ["BATCH_SYNC_INTERVAL", "FSYNC_POLICIES", "DurabilityLost", "LogWriter"]
@@ -46,7 +48,9 @@ BATCH_SYNC_INTERVAL = 0.005  # seconds
 
 
 class DurabilityLost(Exception):
-    """A write or fsync of the log failed: nothing from then on can be acknowledged."""
+    """A write or fsync of the log failed: nothing from then on can be acknowledged (DATA_LOSS)."""
+
+    status_code = grpc.StatusCode.DATA_LOSS
 
 
 _datasync = getattr(os, "fdatasync", os.fsync)

@@ -25,6 +25,7 @@ from collections.abc import Callable
 from itertools import islice
 from typing import TypeVar
 
+from masstasker.server.stores.base import StoreUnavailable
 from masstasker.server.stores.memory.store import Store, StoredTask
 
 __all__ = ["ShuttingDown", "Waiters"]
@@ -40,8 +41,8 @@ _SKEW_NS = 10_000_000
 _LOOK_AHEAD = 64
 
 
-class ShuttingDown(Exception):
-    """The server is stopping; the waiter was released without a task."""
+class ShuttingDown(StoreUnavailable):
+    """The server is stopping; the waiter was released without a task (UNAVAILABLE)."""
 
 
 class _Waiter:

@@ -202,6 +202,11 @@ COUNT_ROWS = """
 SELECT count(*) FROM {schema}.group_counts
 """
 
+# tasks_queue, whole: only for the tests' consistency check, never on a request path.
+COUNT_TASKS = """
+SELECT grp, count(*)::int8 FROM {schema}.tasks GROUP BY grp
+"""
+
 # -- connections ---------------------------------------------------------------------
 
 PING = "SELECT 1"
@@ -230,6 +235,7 @@ class Statements:
     hidden_counts: LiteralString
     compact_counts: LiteralString
     count_rows: LiteralString
+    count_tasks: LiteralString
 
 
 def quote_schema(schema: str) -> str:

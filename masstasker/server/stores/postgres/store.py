@@ -15,23 +15,27 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from typing import Any, LiteralString, TypeVar
 
 import psycopg
 import psycopg_pool
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
 from psycopg import errors
 
-from masstasker.server.stores.base import StoreUnavailable
-from masstasker.server.stores.memory.store import (
+from masstasker.server.stores.base import (
     BadRequest,
     GroupRef,
+    GroupStats,
     IdRef,
     LabelRef,
     NotFound,
     PreconditionFailed,
     Ref,
     StoredTask,
+    StoreUnavailable,
     TaskSpec,
 )
 from masstasker.server.stores.postgres import schema
@@ -73,6 +77,8 @@ def _labels_from_column(value: list[str] | None) -> str | None:
 class PostgresStore:
     """Tasks in PostgreSQL. Make one with :meth:`open`; every method runs on the server's event loop."""
 
+    name = _STORE
+
     def __init__(self, options: PgOptions, clock: Callable[[], int]) -> None:
         self.options = options
         self._clock = clock
@@ -105,10 +111,10 @@ class PostgresStore:
         )
         self._down: str | None = None  # why the database is unreachable, while it is
         self._compactor: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Future[None]] = set()
         self.schema_version: schema.SchemaVersion | None = None
         self.retries = 0  # transactions retried after a deadlock or serialization failure, ever
-        #: Called with False when the database is lost and True when it is back (health).
-        self.on_availability: list[Callable[[bool], Coroutine[Any, Any, None]]] = []
+        self._availability: list[Callable[[str | None], Awaitable[None]]] = []
 
     # -- life cycle --------------------------------------------------------------------
 
@@ -144,6 +150,8 @@ class PostgresStore:
     async def close(self) -> None:
         """Release waiters, stop the background work, close every connection."""
         await self.waiters.close()
+        for task in self._background:
+            task.cancel()
         if self._compactor is not None:
             self._compactor.cancel()
             await asyncio.gather(self._compactor, return_exceptions=True)
@@ -155,11 +163,28 @@ class PostgresStore:
         """False while the database is unreachable."""
         return self._down is None
 
+    def on_availability(self, callback: Callable[[str | None], Awaitable[None]]) -> None:
+        """Call ``callback(reason)`` when the database is lost and ``callback(None)`` when it is back."""
+        self._availability.append(callback)
+
+    async def failed(self) -> str:
+        """Never: a lost database is waited out (health NOT_SERVING meanwhile), not fatal."""
+        never: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        return await never
+
+    def register_metrics(self, registry: CollectorRegistry) -> None:
+        """Whether the database is reachable, and transactions retried after a deadlock."""
+        registry.register(_PgCollector(self))
+
+    def release_waiters(self) -> None:
+        """Release every waiting Query with UNAVAILABLE (shutdown)."""
+        self.waiters.release_all(StoreUnavailable(f"{_STORE}: the server is shutting down"))
+
     def _on_down(self, reason: str) -> None:
         self._down = reason
         self.waiters.release_all(StoreUnavailable(f"{_STORE} unreachable: {reason}"))
-        for callback in self.on_availability:
-            asyncio.get_running_loop().create_task(callback(False))
+        for callback in self._availability:
+            self._background.add(asyncio.ensure_future(callback(reason)))
 
     async def _on_up(self) -> None:
         # Connections from before the outage are dead: replace them before answering again.
@@ -167,8 +192,8 @@ class PostgresStore:
         self._down = None
         self.waiters.reopen()
         self.waiters.signal(None)  # notifications sent while we were away are lost: everyone looks
-        for callback in self.on_availability:
-            await callback(True)
+        for callback in self._availability:
+            await callback(None)
 
     async def _configure(self, conn: Conn) -> None:
         timeout_ms = max(1, round(self.options.statement_timeout * 1000))
@@ -468,7 +493,7 @@ class PostgresStore:
 
         return await self._run(read)
 
-    async def group_stats(self, now: int) -> tuple[dict[str, tuple[int, int]], int]:
+    async def group_stats(self, now: int) -> tuple[GroupStats, int]:
         """Every non-empty group's (size, visible at ``now``), and the total; never scans the tasks table."""
         now_s, now_ns = split_ns(now)
 
@@ -484,6 +509,24 @@ class PostgresStore:
             return stats, sum(sizes.values())
 
         return await self._run(read)
+
+    async def size(self) -> int:
+        """How many tasks the schema holds, from group_counts."""
+        return (await self.debug("", 1))[1]
+
+    async def check(self) -> None:
+        """Assert that group_counts agrees with the tasks table, and the waiters' invariants (tests)."""
+
+        async def read(conn: Conn) -> tuple[dict[bytes, int], dict[bytes, int]]:
+            async with conn.transaction():
+                await conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+                counted = {bytes(g): n for g, n in await (await conn.execute(self._sql.group_sizes)).fetchall()}
+                actual = {bytes(g): n for g, n in await (await conn.execute(self._sql.count_tasks)).fetchall()}
+            return counted, actual
+
+        counted, actual = await self._run(read)
+        assert counted == actual, f"group_counts {counted} disagrees with the tasks table {actual}"
+        self.waiters._check()
 
     async def compact_counts(self) -> bool:
         """Fold group_counts' delta rows if there are many; True when it did."""
@@ -520,6 +563,21 @@ class PostgresStore:
                 return True
 
         return await self._run(apply)
+
+
+class _PgCollector(Collector):
+    def __init__(self, store: PostgresStore) -> None:
+        self._store = store
+
+    def collect(self) -> Iterator[Any]:
+        yield GaugeMetricFamily(
+            "masstasker_store_available", "1 while the PostgreSQL store is reachable", value=int(self._store.available)
+        )
+        yield CounterMetricFamily(
+            "masstasker_store_retries",
+            "Transactions retried after a deadlock or serialization failure",
+            value=self._store.retries,
+        )
 
 
 def _split_refs(refs: Iterable[Ref]) -> tuple[list[int], list[str], list[tuple[tuple[str, str], ...]]]:

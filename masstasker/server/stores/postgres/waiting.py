@@ -219,6 +219,13 @@ class PgWaiters:
                 state.timer.cancel()
             del self._groups[group]
 
+    def _check(self) -> None:
+        """Assert the invariants (tests call this on the loop)."""
+        assert self.count >= 0, self.count
+        for group, state in self._groups.items():
+            live = sum(1 for w in state.queue if not w.turn.done())
+            assert live <= self.count, (group, live, self.count)
+
     def release_all(self, error: StoreUnavailable) -> None:
         """Fail every waiter with ``error``; new waits fail too until :meth:`reopen`."""
         self._closed = error
