@@ -6,8 +6,8 @@ and never competes for a TCP port. ``fsync`` and ``synchronous_commit`` stay on 
 unless the caller overrides them: benchmarks must measure real commits.
 
 PostgreSQL refuses to run as root. When this process is root (CI), the cluster runs as an unprivileged
-system user (``postgres`` if it exists, else ``nobody``) through ``subprocess``'s ``user=``/``group=``,
-and the directory is handed to that user. Connecting back over the socket needs no password: the
+system user (``postgres`` if it exists, else ``nobody``) through ``runuser``, and the directory is
+handed to that user. Connecting back over the socket needs no password: the
 cluster trusts local connections, which only reach it through its private directory.
 
 Registered as a pytest plugin (entry point ``masstasker_postgres``), it provides:
@@ -261,21 +261,22 @@ class PostgresCluster:
         self._pg("pg_ctl", "--pgdata", str(self.data), "--wait", "--timeout", str(int(TIMEOUT)), *args)
 
     def _pg(self, program: str, *args: str) -> None:
-        account = self._account
+        command = [str(self.bin / program), *args]
+        if self._account is not None:
+            # runuser switches user in the child. Python's own user=/group= would make subprocess fork()
+            # instead of vfork(), and a fork() of a process running gRPC's threads can crash the child.
+            command = [_runuser(), "-u", self._account.pw_name, "--", *command]
         # Output to a file, not a pipe: a postmaster started by pg_ctl inherits pg_ctl's stdout and would
         # hold a pipe open for its whole life, so reading it to the end would never finish.
         with tempfile.TemporaryFile("w+") as out:
             done = subprocess.run(
-                [str(self.bin / program), *args],
+                command,
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 timeout=TIMEOUT + 10,
                 check=False,
                 cwd=self.dir,
-                user=account.pw_uid if account else None,
-                group=account.pw_gid if account else None,
-                extra_groups=[] if account else None,
                 # Locale and timezone of the calling shell must not leak into the cluster's defaults.
                 env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LC_ALL": "C", "TZ": "UTC"},
             )
@@ -284,6 +285,13 @@ class PostgresCluster:
         if done.returncode != 0:
             log = self.log.read_text(errors="replace")[-4000:] if self.log.exists() else ""
             raise RuntimeError(f"{program} {' '.join(args)} failed ({done.returncode}):\n{output}\n{log}")
+
+
+def _runuser() -> str:
+    found = shutil.which("runuser", path="/usr/sbin:/sbin:/usr/bin:/bin")
+    if found is None:
+        raise PostgresNotFound("running as root needs runuser (util-linux) to start PostgreSQL as another user")
+    return found
 
 
 def _dsn_value(value: str) -> str:

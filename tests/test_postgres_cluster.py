@@ -49,6 +49,7 @@ pytestmark = pytest.mark.timeout(300)
 
 SERVICES = ("", "masstasker.MassTasker")
 _METRICS = re.compile(r"metrics on (http://\S+/metrics)")
+LEASE_S = 3.0  # the fault tests' leases: short, so a dead worker's tasks come back soon
 
 
 @contextlib.contextmanager
@@ -165,7 +166,9 @@ def test_racing_updates_on_shared_predicates_are_all_or_nothing(postgresql_dsn: 
     assert len(taken) == len(set(taken)), "a token is in two receipts"
     assert set(taken).isdisjoint(remaining), "a token has a receipt but was not deleted"
     assert set(taken) | remaining == set(by_key), "a token was deleted without a receipt"
-    assert sorted(receipts) == sorted(outcome.committed)
+    unacknowledged = sorted(set(receipts) - set(outcome.committed))
+    assert set(outcome.committed) <= set(receipts), "an acknowledged Update left no receipt"
+    assert set(unacknowledged) <= set(outcome.unknown), "a receipt from an Update that failed with a clear error"
     assert outcome.committed and outcome.not_found, "the race did not race: no commits or no conflicts"
     assert outcome.late_commits == [], "an Update sent after the guard's deletion was acknowledged committed"
     assert outcome.precondition_failed, "no Update saw the guard gone"
@@ -177,6 +180,7 @@ class _RaceOutcome:
     not_found: int = 0
     precondition_failed: int = 0
     late_commits: list[str] = field(default_factory=list)
+    unknown: list[str] = field(default_factory=list)
 
 
 async def _race(targets: list[str], tokens: dict[str, pb.Task], guard: pb.Task) -> _RaceOutcome:
@@ -206,6 +210,10 @@ async def _race(targets: list[str], tokens: dict[str, pb.Task], guard: pb.Task) 
                 outcome.not_found += 1
             except PreconditionFailed:
                 outcome.precondition_failed += 1
+            except Unavailable:
+                # A statement timeout while queued behind the other racers' row locks, on an overloaded
+                # machine: not acknowledged, so it may go either way, but still all or nothing.
+                outcome.unknown.append(receipt)
             else:
                 outcome.committed.append(receipt)
                 if guard_gone_at and sent > guard_gone_at[0]:
@@ -281,15 +289,17 @@ class _Ledger:
 
     acked: list[str] = field(default_factory=list)
     errors: Counter[str] = field(default_factory=Counter)
-    leased_at: dict[str, list[float]] = field(default_factory=dict)
+    leased_at: dict[str, list[float]] = field(default_factory=dict)  # when each lease's Query was sent
+    answered_at: dict[str, list[float]] = field(default_factory=dict)  # when it came back
     acked_at: dict[str, float] = field(default_factory=dict)
 
 
-async def _work(client: AsyncClient, ledger: _Ledger, total: int, deadline: float, stop: asyncio.Event) -> None:
+async def _work(client: AsyncClient, ledger: _Ledger, deadline: float, stop: asyncio.Event) -> None:
     """Lease one task for 3 s, then delete it and create its result in one Update; survive outages."""
-    while len(ledger.acked) < total and time.monotonic() < deadline and not stop.is_set():
+    while time.monotonic() < deadline and not stop.is_set():
+        sent = time.monotonic()
         try:
-            task = await client.query("work", 3, wait=False, timeout=10)
+            task = await client.query("work", LEASE_S, wait=False, timeout=10)
         except TaskNotFound:
             await asyncio.sleep(0.05)
             continue
@@ -298,7 +308,8 @@ async def _work(client: AsyncClient, ledger: _Ledger, total: int, deadline: floa
             await asyncio.sleep(0.1)
             continue
         k = key(task)
-        ledger.leased_at.setdefault(k, []).append(time.monotonic())
+        ledger.leased_at.setdefault(k, []).append(sent)
+        ledger.answered_at.setdefault(k, []).append(time.monotonic())
         try:
             await client.do(Delete(task), Create(new_task("results", pb.Test(foo=k))), timeout=10)
         except StatusError as exc:
@@ -309,6 +320,24 @@ async def _work(client: AsyncClient, ledger: _Ledger, total: int, deadline: floa
             continue
         ledger.acked.append(k)
         ledger.acked_at[k] = time.monotonic()
+
+
+async def _until_all_done(target: str, deadline: float) -> None:
+    """Until the work group is empty, leased tasks included: every task's result committed.
+
+    Not "until every task was acknowledged": an Update that committed while its answer was lost (the
+    server died, the connection dropped) is done without an acknowledgement.
+    """
+    async with AsyncClient(target) as client:
+        while True:
+            try:
+                left = (await client.rpc.Debug(pb.DebugRequest(group="work", limit=1), timeout=10)).num_tasks
+            except grpc.RpcError:
+                left = -1
+            if left == 0:
+                return
+            assert time.monotonic() < deadline, f"{left} tasks still to do at the deadline"
+            await asyncio.sleep(0.1)
 
 
 def _check_nothing_acknowledged_lost(target: str, total: int, ledger: _Ledger) -> None:
@@ -323,7 +352,7 @@ def _check_nothing_acknowledged_lost(target: str, total: int, ledger: _Ledger) -
 
 
 def test_kill_9_one_of_two_servers_under_load(own_cluster: PostgresCluster) -> None:
-    total = 3000
+    total = 2000
     schema = fresh_schema_name()
     with servers(own_cluster.dsn, schema, 2) as (a, b):
         create_numbered(b.target, "work", total)
@@ -336,8 +365,8 @@ def test_kill_9_one_of_two_servers_under_load(own_cluster: PostgresCluster) -> N
             clients_a = [AsyncClient(a.target) for _ in range(2)]
             clients_b = [AsyncClient(b.target) for _ in range(2)]
             work = [
-                *(_work(clients_a[i % 2], ledgers["a"], total, deadline, stop_a) for i in range(8)),
-                *(_work(clients_b[i % 2], ledgers["b"], total, deadline, never) for i in range(8)),
+                *(_work(clients_a[i % 2], ledgers["a"], deadline, stop_a) for i in range(8)),
+                *(_work(clients_b[i % 2], ledgers["b"], deadline, never) for i in range(8)),
             ]
             running = asyncio.gather(*work)
             while len(ledgers["a"].acked) + len(ledgers["b"].acked) < total // 3:
@@ -350,8 +379,7 @@ def test_kill_9_one_of_two_servers_under_load(own_cluster: PostgresCluster) -> N
             await asyncio.sleep(1)
             stop_a.set()
             # B's workers must finish everything, including A's leased tasks once their leases expire.
-            while len(set(ledgers["a"].acked) | set(ledgers["b"].acked)) < total and time.monotonic() < deadline:
-                await asyncio.sleep(0.05)
+            await _until_all_done(b.target, deadline)
             never.set()
             await running
             for client in (*clients_a, *clients_b):
@@ -369,6 +397,18 @@ def test_kill_9_one_of_two_servers_under_load(own_cluster: PostgresCluster) -> N
             acked_at={**ledgers["a"].acked_at, **ledgers["b"].acked_at},
         )
         _check_nothing_acknowledged_lost(b.target, total, merged)
+        results = {key(t) for t in group_tasks(b.target, "results")}
+    # What A's workers held when it died: either their Update committed unacknowledged (the result is
+    # there and nobody leased it again), or the lease expired and B leased it, never before expiry.
+    a_acked = set(ledgers["a"].acked)
+    orphans = {k for k in ledgers["a"].leased_at if k not in a_acked}
+    assert orphans, "A's workers held no leases when it died: the test did not test lease expiry"
+    for k in orphans:
+        assert k in results
+        taken_by_a = max(ledgers["a"].leased_at[k])
+        for answered in ledgers["b"].answered_at.get(k, []):
+            if answered > taken_by_a:
+                assert answered >= taken_by_a + LEASE_S, f"task {k} leased by B before A's lease expired"
     assert b_after_kill > 0, "the surviving server did not go on serving"
     assert not ledgers["b"].errors, f"the surviving server's clients saw errors: {ledgers['b'].errors}"
     assert ledgers["a"].errors.get("UNAVAILABLE", 0) > 0, "the killed server's clients saw no UNAVAILABLE"
@@ -386,7 +426,7 @@ def test_postgresql_stopped_and_restarted_under_load(own_cluster: PostgresCluste
             deadline = time.monotonic() + 200
             never = asyncio.Event()
             clients = [AsyncClient(s.target) for s in (a, b)]
-            running = asyncio.gather(*(_work(clients[i % 2], ledger, total, deadline, never) for i in range(16)))
+            running = asyncio.gather(*(_work(clients[i % 2], ledger, deadline, never) for i in range(16)))
 
             async def progress(at_least: int) -> None:
                 while len(ledger.acked) < at_least:
@@ -425,7 +465,7 @@ def test_postgresql_stopped_and_restarted_under_load(own_cluster: PostgresCluste
             await progress(len(ledger.acked) + 100)
             # 3. pg_ctl restart -m fast in the middle of the load: it just carries on afterwards.
             await asyncio.to_thread(own_cluster.restart, "fast")
-            await progress(total)
+            await _until_all_done(a.target, deadline)
             never.set()
             await running
             for client in clients:
