@@ -72,6 +72,7 @@ class _NotifyCounter:
 
     def __init__(self, dsn: str, schema: str) -> None:
         import psycopg
+
         from masstasker.server.stores.postgres.options import PgOptions
 
         self.channel = PgOptions(dsn=dsn, schema=schema).channel
@@ -385,9 +386,9 @@ def wake_across(ctx: PgContext) -> list[Row]:
         for code, n in r["errors"].items():
             row.errors[code] = row.errors.get(code, 0) + n
     row.extra.update(
-        waiting=waiting,
-        created=created["ops"],
-        woken=len(wakeups),
+        waiting_on_a=waiting,
+        created_on_b=created["ops"],
+        woken_on_a=len(wakeups),
         notifications=notified,
         summary=(
             f"{waiting} waiting on A, {created['ops']} created one by one on B: {len(wakeups)} woken;"
