@@ -39,7 +39,14 @@ _SCRAPES = 20
 
 def start_cluster() -> PostgresCluster:
     """The benchmark's cluster: PostgreSQL's defaults (durable commits), room for every pool."""
-    return PostgresCluster({"max_connections": "300"}).start()
+    logging = {
+        "log_min_duration_statement": "1000",  # a statement over a second: why a window stalled
+        "log_parameter_max_length": "0",
+        "log_lock_waits": "on",
+        "log_checkpoints": "on",
+        "log_autovacuum_min_duration": "0",
+    }
+    return PostgresCluster({"max_connections": "300", **logging}).start()
 
 
 def _cpu_ticks(pid: int) -> int:

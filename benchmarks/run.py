@@ -111,6 +111,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         default="memory",
         help="postgres: the PostgreSQL store's scenarios on a throwaway cluster (benchmarks/pg.py)",
     )
+    parser.add_argument("--pg-log", type=Path, metavar="FILE", help="with --store postgres: keep PostgreSQL's log here")
     args = parser.parse_args(argv)
 
     scenarios = SCENARIOS
@@ -125,6 +126,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _run(args, scenarios, cluster)
     finally:
         if cluster is not None:
+            if args.pg_log:
+                args.pg_log.write_bytes(cluster.log.read_bytes())
             cluster.destroy()
 
 
