@@ -2,13 +2,13 @@
 
 Run from the repository root::
 
-    PYTHONPATH=. python benchmarks/crash_soak.py --rounds 200
-    PYTHONPATH=. python benchmarks/crash_soak.py --rounds 50 --fsync batch --clients 8
+    python -m benchmarks.crash_soak --rounds 200
+    python -m benchmarks.crash_soak --rounds 50 --fsync batch --clients 8
 
 Each round: clients load the server, it is killed with SIGKILL at a random
 moment, restarted on the same directory, and every acknowledged change
 must be there, every unanswered RPC applied in full or not at all, no ID
-reused (see ``tests/crash_harness.py``). Exits non-zero at the first
+reused (see ``masstasker/_harness/crash.py``). Exits non-zero at the first
 violation, after printing it.
 """
 
@@ -20,8 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from crash_harness import CrashRounds  # the harness the CI test uses
+from masstasker._harness.crash import CrashRounds  # the harness the CI test uses
 
 
 def main() -> int:

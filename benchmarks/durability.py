@@ -2,10 +2,10 @@
 
 Run from the repository root::
 
-    PYTHONPATH=. python benchmarks/durability.py throughput   # lease cycles, fsync always vs memory
-    PYTHONPATH=. python benchmarks/durability.py snapshot     # longest event-loop pause at 1,000,000 tasks
-    PYTHONPATH=. python benchmarks/durability.py recovery     # recovery time and peak memory, 1,000,000 tasks
-    PYTHONPATH=. python benchmarks/durability.py all
+    python -m benchmarks.durability throughput   # lease cycles, fsync always vs memory
+    python -m benchmarks.durability snapshot     # longest event-loop pause at 1,000,000 tasks
+    python -m benchmarks.durability recovery     # recovery time and peak memory, 1,000,000 tasks
+    python -m benchmarks.durability all
 
 ``throughput`` runs two server subprocesses side by side (memory only and
 ``--data-dir --fsync always``) and one client process with N concurrent
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gc
 import os
 import random
@@ -35,9 +36,7 @@ from masstasker._pb import masstasker_pb2 as pb
 from masstasker._pb import masstasker_pb2_grpc as pb_grpc
 from masstasker.server.durability import Persistence
 from masstasker.server.stores.memory.store import IdRef, Store, TaskSpec
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from crash_harness import ServerProcess  # the test helper that launches a server subprocess
+from masstasker.testing import run_server_process
 
 SEED = 4
 GROUP = "work"
@@ -80,45 +79,42 @@ def _cpu_seconds(pid: int) -> float:
 
 
 async def _throughput(workers: int, seconds: float, repeats: int, tasks: int) -> None:
-    with tempfile.TemporaryDirectory(prefix="mt-bench-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="mt-bench-") as tmp, contextlib.ExitStack() as running:
         root = Path(tmp)
+        durable = ("--data-dir", str(root / "data"), "--fsync", "always")
         servers = {
-            "memory": ServerProcess(None, root / "memory.log"),
-            "fsync=always": ServerProcess(root / "data", root / "durable.log", "--fsync", "always"),
+            "memory": running.enter_context(run_server_process(log_file=root / "memory.log")),
+            "fsync=always": running.enter_context(run_server_process(*durable, log_file=root / "durable.log")),
         }
-        try:
-            for server in servers.values():
-                async with grpc.aio.insecure_channel(server.target) as channel:
-                    await _fill(pb_grpc.MassTaskerStub(channel), tasks)
-            rates: dict[str, list[float]] = {name: [] for name in servers}
-            cpu: dict[str, list[float]] = {name: [] for name in servers}
-            order = list(servers)
-            rng = random.Random(SEED)
-            for server in servers.values():  # warm-up
-                await _lease_cycles(server.target, workers, min(1.0, seconds))
-            for _ in range(repeats):
-                rng.shuffle(order)
-                for name in order:
-                    before = _cpu_seconds(servers[name].proc.pid)
-                    cycles = await _lease_cycles(servers[name].target, workers, seconds)
-                    rates[name].append(cycles / seconds)
-                    cpu[name].append((_cpu_seconds(servers[name].proc.pid) - before) / max(cycles, 1))
-            for name, values in rates.items():
-                runs = [round(v) for v in values]
-                print(
-                    f"  {name:13s} median {statistics.median(values):8.0f} cycles/s, server CPU "
-                    f"{statistics.median(cpu[name]) * 1e6:.0f} us/cycle; runs {runs}"
-                )
-            # Each repeat runs both back to back, so its ratio is the least disturbed by other load.
-            pairs = [d / m for d, m in zip(rates["fsync=always"], rates["memory"], strict=True)]
+        for server in servers.values():
+            async with grpc.aio.insecure_channel(server.target) as channel:
+                await _fill(pb_grpc.MassTaskerStub(channel), tasks)
+        rates: dict[str, list[float]] = {name: [] for name in servers}
+        cpu: dict[str, list[float]] = {name: [] for name in servers}
+        order = list(servers)
+        rng = random.Random(SEED)
+        for server in servers.values():  # warm-up
+            await _lease_cycles(server.target, workers, min(1.0, seconds))
+        for _ in range(repeats):
+            rng.shuffle(order)
+            for name in order:
+                before = _cpu_seconds(servers[name].pid)
+                cycles = await _lease_cycles(servers[name].target, workers, seconds)
+                rates[name].append(cycles / seconds)
+                cpu[name].append((_cpu_seconds(servers[name].pid) - before) / max(cycles, 1))
+        for name, values in rates.items():
+            runs = [round(v) for v in values]
             print(
-                f"  ratio fsync=always / memory at {workers} workers: median of per-repeat ratios "
-                f"{statistics.median(pairs):.2f} (each {[round(p, 2) for p in pairs]}); ratio of medians "
-                f"{statistics.median(rates['fsync=always']) / statistics.median(rates['memory']):.2f}"
+                f"  {name:13s} median {statistics.median(values):8.0f} cycles/s, server CPU "
+                f"{statistics.median(cpu[name]) * 1e6:.0f} us/cycle; runs {runs}"
             )
-        finally:
-            for server in servers.values():
-                server.stop()
+        # Each repeat runs both back to back, so its ratio is the least disturbed by other load.
+        pairs = [d / m for d, m in zip(rates["fsync=always"], rates["memory"], strict=True)]
+        print(
+            f"  ratio fsync=always / memory at {workers} workers: median of per-repeat ratios "
+            f"{statistics.median(pairs):.2f} (each {[round(p, 2) for p in pairs]}); ratio of medians "
+            f"{statistics.median(rates['fsync=always']) / statistics.median(rates['memory']):.2f}"
+        )
 
 
 # -- a million tasks --------------------------------------------------------------------

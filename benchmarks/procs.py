@@ -2,7 +2,8 @@
 
 Servers are started exactly as an operator would start them
 (``python -m masstasker.server --port 0``) and we read the port from the
-``listening on HOST:PORT`` line they log: never a guessed port.
+``listening on HOST:PORT`` line they log: never a guessed port (MassTasker's
+own launcher, ``masstasker.testing.ServerProcess``, does both).
 Measurements come from ``/proc/PID`` so they cost the server nothing.
 """
 
@@ -10,31 +11,26 @@ from __future__ import annotations
 
 import os
 import re
-import signal
-import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
+
+from masstasker.testing import ServerProcess as Launched
 
 __all__ = ["ROOT", "ServerProcess", "cpu_plan", "pin"]
 
 #: The repository root (the worktree this file lives in).
 ROOT = Path(__file__).resolve().parent.parent
 
-_LISTENING = re.compile(r"listening on (\S+)")
 _METRICS = re.compile(r"metrics on http://(\S+)/metrics")
 _START_TIMEOUT = 30.0
 _STOP_TIMEOUT = 15.0
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
-def child_env() -> dict[str, str]:
-    """The environment for children: this worktree first on the import path."""
-    env = dict(os.environ)
-    path = env.get("PYTHONPATH", "")
-    env["PYTHONPATH"] = str(ROOT) + (os.pathsep + path if path else "")
-    return env
+def child_pythonpath() -> str:
+    """``PYTHONPATH`` for children: this worktree first on the import path."""
+    path = os.environ.get("PYTHONPATH", "")
+    return str(ROOT) + (os.pathsep + path if path else "")
 
 
 def cpu_plan(pin_cpus: bool) -> tuple[set[int] | None, set[int] | None]:
@@ -55,54 +51,50 @@ def pin(pid: int, cpus: set[int] | None) -> None:
 
 
 class ServerProcess:
-    """A server subprocess; ``kind`` is "ceiling" (canned answers) or any other name for MassTasker."""
+    """A server subprocess; ``kind`` is "ceiling" (canned answers) or any other name for MassTasker.
+
+    Started by MassTasker's own launcher (``masstasker.testing.ServerProcess``), pinned to ``cpus`` from
+    its first instruction by ``taskset``, so every thread it ever starts stays there.
+    """
 
     def __init__(self, kind: str, *, cpus: set[int] | None, metrics: bool = False, extra: tuple[str, ...] = ()) -> None:
         self.kind = kind
         module = "benchmarks.ceiling" if kind == "ceiling" else "masstasker.server"
+        self.command = (sys.executable, "-m", module)
         listen_http = "127.0.0.1:0" if metrics else ""
-        self.argv = [sys.executable, "-m", module, "--port", "0", "--listen-http", listen_http, "--shutdown-grace", "1"]
-        self.argv += extra
+        self.args = ("--host", "127.0.0.1", "--port", "0", "--listen-http", listen_http, "--shutdown-grace", "1")
+        self.args += extra
         self.cpus = cpus
         self.target = ""
         self.metrics_url: str | None = None
-        # Stays open while the server runs (it writes there); closed and removed by stop().
-        self._log = tempfile.NamedTemporaryFile(  # noqa: SIM115
-            prefix=f"masstasker-bench-{kind}-", suffix=".log", delete=False
-        )
-        self._proc: subprocess.Popen[bytes] | None = None
+        self._server: Launched | None = None
 
     @property
     def pid(self) -> int:
         """The server's process ID."""
-        assert self._proc is not None, "not started"
-        return self._proc.pid
+        assert self._server is not None, "not started"
+        return self._server.pid
 
     def start(self) -> ServerProcess:
         """Start the server and return once it has logged its port."""
-        self._proc = subprocess.Popen(
-            self.argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=self._log, env=child_env(), cwd=ROOT
-        )
-        pin(self._proc.pid, self.cpus)
-        deadline = time.monotonic() + _START_TIMEOUT
-        while time.monotonic() < deadline:
-            text = Path(self._log.name).read_text(errors="replace")
-            metrics = _METRICS.search(text)
-            if metrics:
-                self.metrics_url = f"http://{metrics.group(1)}/metrics"
-            found = _LISTENING.search(text)
-            if found:
-                self.target = found.group(1)
-                return self
-            if self._proc.poll() is not None:
-                break
-            time.sleep(0.02)
-        self.stop()
-        raise RuntimeError(f"{self.kind} server did not start: {self.argv}\n{self.log_text()[-2000:]}")
+        prefix = ("taskset", "--cpu-list", ",".join(map(str, sorted(self.cpus)))) if self.cpus else ()
+        # The ceiling server lives in this repository: children find it first on their import path.
+        env = {"PYTHONPATH": child_pythonpath()}
+        server = Launched(*self.args, command=self.command, prefix=prefix, loopback=False, env=env)
+        self._server = server
+        try:
+            self.target = server.wait_serving(_START_TIMEOUT)
+        except RuntimeError:
+            self.stop()
+            raise
+        metrics = next((m for line in server.log if (m := _METRICS.search(line))), None)
+        if metrics:
+            self.metrics_url = f"http://{metrics.group(1)}/metrics"
+        return self
 
     def log_text(self) -> str:
         """Everything the server wrote to stderr so far."""
-        return Path(self._log.name).read_text(errors="replace")
+        return "\n".join(self._server.log) if self._server is not None else ""
 
     def _status(self, field: str) -> int:
         for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
@@ -125,20 +117,12 @@ class ServerProcess:
 
     def alive(self) -> bool:
         """Whether the process is still running."""
-        return self._proc is not None and self._proc.poll() is None
+        return self._server is not None and self._server.returncode is None
 
     def stop(self) -> None:
-        """SIGTERM with a short grace, SIGKILL if it hangs; remove the log."""
-        proc = self._proc
-        if proc is not None and proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(_STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(_STOP_TIMEOUT)
-        self._log.close()
-        Path(self._log.name).unlink(missing_ok=True)
+        """SIGTERM with a short grace, SIGKILL if it hangs."""
+        if self._server is not None:
+            self._server.stop(_STOP_TIMEOUT)
 
     def __enter__(self) -> ServerProcess:
         return self.start()

@@ -28,9 +28,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-if __package__ in (None, ""):  # run as a script: python benchmarks/run.py
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 from benchmarks.loadgen import Pool
 from benchmarks.procs import ROOT, cpu_plan, pin
 from benchmarks.profiles import summarize

@@ -9,18 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import re
-import signal
-import subprocess
-import sys
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from masstasker._server_process import ServerProcess, run_server_process
 from masstasker.client._time import Seconds, to_seconds
 
 if TYPE_CHECKING:
@@ -32,12 +26,6 @@ __all__ = [
     "run_server",
     "run_server_process",
 ]
-
-# How long a server may take to start before a test fails instead of hanging.
-START_TIMEOUT = 30.0
-# How long a SIGTERMed server process may take to shut down gracefully before it is killed.
-STOP_TIMEOUT = 15.0
-_LISTENING = re.compile(r"listening on (\S+)")
 
 
 class FakeClock:
@@ -192,75 +180,3 @@ def run_server(**settings: Any) -> Iterator[BackgroundServer]:
     settings = {"host": "127.0.0.1", "port": 0, "listen_http": "", **settings}
     with BackgroundServer(Settings(**settings)) as server:
         yield server
-
-
-@dataclass
-class ServerProcess:
-    """A ``python -m masstasker.server`` subprocess that is serving on ``target``."""
-
-    process: subprocess.Popen[str]
-    host: str
-    port: int
-    log: list[str] = field(default_factory=list)  # its stderr lines so far, for debugging a failure
-
-    @property
-    def target(self) -> str:
-        """``HOST:PORT`` to dial."""
-        return f"{self.host}:{self.port}"
-
-
-@contextlib.contextmanager
-def run_server_process(*args: str, timeout: float = START_TIMEOUT) -> Iterator[ServerProcess]:
-    """Run ``python -m masstasker.server --port 0 --listen-http '' *args`` and yield once it serves.
-
-    The port is the one the server reports in its ``listening on`` log line (never a guessed free port).
-    On exit the server gets SIGTERM and a grace period, then SIGKILL.
-    """
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MASSTASKER_")}  # flags only, no surprises
-    package_root = str(Path(__file__).resolve().parent.parent)  # works from a source tree too
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH", "")) if p)
-    command = [sys.executable, "-m", "masstasker.server", "--host", "127.0.0.1", "--port", "0", "--listen-http", ""]
-    process = subprocess.Popen(
-        [*command, *args],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        encoding="utf-8",
-        errors="replace",  # a log line is for reading; never fail on its bytes
-        env=env,
-    )
-    log: list[str] = []
-    address: list[str] = []
-    ready = threading.Event()
-
-    def read_stderr() -> None:
-        # Keep draining after startup, or a chatty server would block on a full pipe.
-        assert process.stderr is not None
-        for line in process.stderr:
-            log.append(line.rstrip("\n"))
-            match = _LISTENING.search(line)
-            if match and not address:
-                address.append(match.group(1))
-                ready.set()
-        ready.set()  # EOF: the process died before it served
-
-    reader = threading.Thread(target=read_stderr, name="masstasker-server-stderr", daemon=True)
-    reader.start()
-    try:
-        if not ready.wait(timeout) or not address:
-            raise RuntimeError(
-                f"masstasker server did not start within {timeout}s (exit code {process.poll()}):\n" + "\n".join(log)
-            )
-        host, _, port = address[0].rpartition(":")
-        yield ServerProcess(process=process, host=host, port=int(port), log=log)
-    finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-        reader.join(STOP_TIMEOUT)
-        if process.stderr is not None:
-            process.stderr.close()

@@ -98,6 +98,27 @@ def _write(directory: Path, stem: str, pair: tuple[x509.Certificate, ec.Elliptic
     return KeyPair(cert, key, cert_path, key_path)
 
 
+def _load(pair: KeyPair) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    key = serialization.load_pem_private_key(pair.key, password=None)
+    assert isinstance(key, ec.EllipticCurvePrivateKey)
+    return x509.load_pem_x509_certificate(pair.cert), key
+
+
+def new_ca(directory: Path, stem: str, common_name: str) -> KeyPair:
+    """Another CA, written to ``directory/stem.crt`` and ``.key``."""
+    return _write(directory, stem, _issue(common_name, None, ca=True))
+
+
+def server_pair(directory: Path, stem: str, ca: KeyPair) -> KeyPair:
+    """A fresh server certificate (new key, new serial) for localhost and 127.0.0.1, signed by ``ca``."""
+    return _write(directory, stem, _issue("localhost", _load(ca), server=True))
+
+
+def client_pair(directory: Path, stem: str, ca: KeyPair, common_name: str = "worker") -> KeyPair:
+    """A fresh client certificate signed by ``ca``."""
+    return _write(directory, stem, _issue(common_name, _load(ca)))
+
+
 def make_pki(directory: Path) -> Pki:
     """Write a fresh CA, server, client and stranger certificate into ``directory``."""
     ca = _issue("MassTasker test CA", None, ca=True)

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import queue
-import re
 import signal
 import subprocess
 import sys
@@ -13,6 +10,8 @@ import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -25,76 +24,21 @@ from masstasker._pb import masstasker_pb2_grpc as pb_grpc
 from masstasker.server import BackgroundServer
 from masstasker.server.__main__ import main
 from masstasker.server.config import Settings, parse_address, parse_args
+from masstasker.testing import ServerProcess
 
 STARTUP_TIMEOUT = 20.0
 
 
-class ServerProcess:
-    """``python -m masstasker.server`` with its stderr collected line by line."""
-
-    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "masstasker.server", *args],
-            stderr=subprocess.PIPE,
-            stdout=subprocess.DEVNULL,
-            text=True,
-            env={**os.environ, **(env or {})},
-        )
-        self.lines: queue.Queue[str] = queue.Queue()
-        self.log: list[str] = []
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            self.lines.put(line)
-        self.lines.put("")  # EOF
-
-    def expect(self, pattern: str, timeout: float = STARTUP_TIMEOUT) -> re.Match[str]:
-        """Wait for a stderr line matching ``pattern``; fail on EOF or timeout."""
-        deadline = time.monotonic() + timeout
-        while True:
-            remaining = deadline - time.monotonic()
-            assert remaining > 0, f"no line matching {pattern!r} in: {''.join(self.log)}"
-            try:
-                line = self.lines.get(timeout=remaining)
-            except queue.Empty:
-                continue
-            assert line, f"server exited before {pattern!r}: {''.join(self.log)}"
-            self.log.append(line)
-            match = re.search(pattern, line)
-            if match:
-                return match
-
-    def wait_serving(self) -> str:
-        match = self.expect(r"listening on (\S+)")
-        return match.group(1)
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout=STARTUP_TIMEOUT)
-        finally:
-            if self.proc.poll() is None:
-                self.proc.kill()
-                self.proc.wait()
-            self._reader.join(STARTUP_TIMEOUT)
-            assert self.proc.stderr is not None
-            self.proc.stderr.close()
-
-
 @pytest.fixture
-def spawn() -> Iterator[type[ServerProcess]]:
+def spawn() -> Iterator[Callable[..., ServerProcess]]:
+    """``spawn(*args, **options)``: a server process (see ``ServerProcess``), stopped after the test."""
     started: list[ServerProcess] = []
 
-    class Tracked(ServerProcess):
-        def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
-            super().__init__(*args, env=env)
-            started.append(self)
+    def start(*args: str, **options: Any) -> ServerProcess:
+        started.append(ServerProcess(*args, **options))
+        return started[-1]
 
-    yield Tracked
+    yield start
     for proc in started:
         proc.stop()
 
@@ -123,8 +67,8 @@ def test_flags_and_environment() -> None:
             parse_args(argv, env, "x")
 
 
-def test_serves_logs_its_port_and_exits_cleanly_on_sigterm(spawn: type[ServerProcess]) -> None:
-    server = spawn("--port", "0", "--listen-http", "", "--log-level", "debug")
+def test_serves_logs_its_port_and_exits_cleanly_on_sigterm(spawn: Callable[..., ServerProcess]) -> None:
+    server = spawn("--log-level", "debug")
     target = server.wait_serving()
     assert target.startswith("127.0.0.1:") and not target.endswith(":0")
     with grpc.insecure_channel(target) as channel:
@@ -134,16 +78,17 @@ def test_serves_logs_its_port_and_exits_cleanly_on_sigterm(spawn: type[ServerPro
     assert server.stop() == 0
 
 
-def test_environment_configures_the_process(spawn: type[ServerProcess]) -> None:
+def test_environment_configures_the_process(spawn: Callable[..., ServerProcess]) -> None:
     server = spawn(
-        env={"MASSTASKER_LISTEN_RPC": "127.0.0.1:0", "MASSTASKER_LISTEN_HTTP": "", "MASSTASKER_LOG_FORMAT": "json"}
+        env={"MASSTASKER_LISTEN_RPC": "127.0.0.1:0", "MASSTASKER_LISTEN_HTTP": "", "MASSTASKER_LOG_FORMAT": "json"},
+        loopback=False,  # no flags at all: the environment alone
     )
     line = server.expect(r'"message": "listening on (\S+)"')
     assert line.group(1).startswith("127.0.0.1:")
 
 
-def test_bootstrap_group_gets_one_task(spawn: type[ServerProcess]) -> None:
-    server = spawn("--port", "0", "--listen-http", "", "--bootstrap-task-group", "boot")
+def test_bootstrap_group_gets_one_task(spawn: Callable[..., ServerProcess]) -> None:
+    server = spawn("--bootstrap-task-group", "boot")
     with grpc.insecure_channel(server.wait_serving()) as channel:
         stub = pb_grpc.MassTaskerStub(channel)
         [task] = stub.Debug(pb.DebugRequest(group="boot")).tasks
@@ -155,8 +100,8 @@ def scrape(url: str) -> str:
         return str(response.read().decode())
 
 
-def test_sigterm_releases_waiters_and_exits_zero(spawn: type[ServerProcess]) -> None:
-    server = spawn("--port", "0", "--listen-http", "127.0.0.1:0", "--shutdown-grace", "5")
+def test_sigterm_releases_waiters_and_exits_zero(spawn: Callable[..., ServerProcess]) -> None:
+    server = spawn("--listen-http", "127.0.0.1:0", "--shutdown-grace", "5")
     metrics_url = server.expect(r"metrics on (http://\S+)").group(1)
     with grpc.insecure_channel(server.wait_serving()) as channel:
         stub = pb_grpc.MassTaskerStub(channel)
@@ -165,16 +110,16 @@ def test_sigterm_releases_waiters_and_exits_zero(spawn: type[ServerProcess]) -> 
         while "masstasker_waiting_queries 1.0" not in scrape(metrics_url):
             assert time.monotonic() < deadline, "the Query never started waiting"
             time.sleep(0.01)
-        server.proc.send_signal(signal.SIGTERM)
+        server.send_signal(signal.SIGTERM)
         with pytest.raises(grpc.RpcError) as info:
             waiting.result(timeout=20)
         assert info.value.code() == grpc.StatusCode.UNAVAILABLE
-    assert server.proc.wait(timeout=20) == 0
+    assert server.wait(timeout=20) == 0
     server.expect("stopped")
 
 
-def test_health_and_reflection(spawn: type[ServerProcess]) -> None:
-    server = spawn("--port", "0", "--listen-http", "")
+def test_health_and_reflection(spawn: Callable[..., ServerProcess]) -> None:
+    server = spawn()
     with grpc.insecure_channel(server.wait_serving()) as channel:
         health = health_pb2_grpc.HealthStub(channel)
         for service in ("", "masstasker.MassTasker"):
@@ -190,8 +135,8 @@ def test_health_and_reflection(spawn: type[ServerProcess]) -> None:
         assert response.file_descriptor_response.file_descriptor_proto
 
 
-def test_metrics_page(spawn: type[ServerProcess]) -> None:
-    server = spawn("--port", "0", "--listen-http", "127.0.0.1:0")
+def test_metrics_page(spawn: Callable[..., ServerProcess]) -> None:
+    server = spawn("--listen-http", "127.0.0.1:0")
     metrics_url = server.expect(r"metrics on (http://\S+)").group(1)
     with grpc.insecure_channel(server.wait_serving()) as channel:
         stub = pb_grpc.MassTaskerStub(channel)
@@ -218,12 +163,12 @@ def test_metrics_page(spawn: type[ServerProcess]) -> None:
     assert 'masstasker_rpc_duration_seconds_count{code="OK",method="Update"} 1.0' in page
 
 
-def test_port_in_use_is_a_clear_error(spawn: type[ServerProcess]) -> None:
-    first = spawn("--port", "0", "--listen-http", "")
+def test_port_in_use_is_a_clear_error(spawn: Callable[..., ServerProcess]) -> None:
+    first = spawn()
     target = first.wait_serving()
-    second = spawn("--listen-rpc", target, "--listen-http", "")
+    second = spawn("--listen-rpc", target)
     second.expect(r"cannot listen on")
-    assert second.proc.wait(timeout=STARTUP_TIMEOUT) == 1
+    assert second.wait(timeout=STARTUP_TIMEOUT) == 1
 
 
 def test_console_script_runs_main() -> None:
@@ -242,3 +187,18 @@ def test_health_turns_not_serving_on_shutdown(make_server: Callable[..., Backgro
             assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING
         finally:
             stopper.join(30)
+
+
+def test_the_launcher_copies_the_log_to_a_file_and_kills(tmp_path: Path) -> None:
+    log_file = tmp_path / "server.log"
+    log_file.write_text("from an earlier run\n")
+    with ServerProcess("--log-level", "debug", log_file=log_file, prefix=("env", "EXTRA=1")) as server:
+        target = server.wait_serving()
+        with grpc.insecure_channel(target) as channel:
+            pb_grpc.MassTaskerStub(channel).Debug(pb.DebugRequest(), timeout=10)
+        server.expect(r"Debug -> OK")
+        assert server.kill() == -signal.SIGKILL
+    lines = log_file.read_text().splitlines()
+    assert lines[0] == "from an earlier run"  # appended, not overwritten
+    assert lines[1:] == server.log and any(f"listening on {target}" in line for line in lines)
+    assert server.stop() == -signal.SIGKILL  # stopping a dead process only reports how it ended

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import grpc
 import pytest
-from fuzzing import METHODS, call, messages, raw_bytes, requests, wire_messages
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from masstasker._harness.fuzzing import METHODS, call, messages, raw_bytes, requests, wire_messages
 from masstasker._pb import masstasker_pb2 as pb
 from masstasker._pb import masstasker_pb2_grpc as pb_grpc
 from masstasker.server import BackgroundServer, Settings

@@ -15,6 +15,7 @@ from google.protobuf.descriptor import FieldDescriptor as F
 from masstasker._pb import masstasker_pb2 as pb
 from masstasker.server import BackgroundServer
 from masstasker.server.healthcheck import check, default_target
+from masstasker.testing import ServerProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -138,23 +139,13 @@ def test_the_image_command_serves_and_its_healthcheck_passes(tmp_path: Path) -> 
     healthcheck = _exec_form(r"HEALTHCHECK .*\\\n\s+CMD")
     script = shutil.which(entrypoint[0], path=os.path.dirname(sys.executable))
     assert script, f"{entrypoint[0]} is not installed next to {sys.executable}"
-    env = {**os.environ, "MASSTASKER_LISTEN_RPC": "127.0.0.1:0", "MASSTASKER_LISTEN_HTTP": ""}
-    proc = subprocess.Popen([script, *entrypoint[1:]], env=env, stderr=subprocess.PIPE, text=True)
-    try:
-        assert proc.stderr is not None
-        for _ in range(50):
-            line = proc.stderr.readline()
-            match = re.search(r"listening on (\S+)", line)
-            if match or not line:
-                break
-        assert match, "the entrypoint did not start serving"
-        health_env = {**os.environ, "MASSTASKER_LISTEN_RPC": match.group(1)}
+    env = {"MASSTASKER_LISTEN_RPC": "127.0.0.1:0", "MASSTASKER_LISTEN_HTTP": ""}
+    with ServerProcess(command=[script, *entrypoint[1:]], env=env, loopback=False) as server:
+        target = server.wait_serving()
+        health_env = {**os.environ, "MASSTASKER_LISTEN_RPC": target}
         command = [sys.executable if healthcheck[0] == "python" else healthcheck[0], *healthcheck[1:]]
         assert subprocess.run(command, env=health_env, timeout=30).returncode == 0
-    finally:
-        proc.terminate()
-        assert proc.wait(timeout=20) == 0
-        proc.stderr.close()  # type: ignore[union-attr]
+        assert server.stop() == 0
 
 
 def test_healthcheck_fails_when_nothing_serves(server: BackgroundServer) -> None:

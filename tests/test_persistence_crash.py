@@ -2,7 +2,7 @@
 
 After each restart every acknowledged change is present, the one unanswered
 RPC of each client is applied in full or not at all, and no ID is reused
-(see ``crash_harness``). ``benchmarks/crash_soak.py`` runs the same rounds
+(see ``masstasker._harness.crash``). ``benchmarks/crash_soak.py`` runs the same rounds
 for longer.
 """
 
@@ -11,7 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from crash_harness import CrashRounds
+
+from masstasker._harness.crash import CrashRounds
 
 CI_ROUNDS = 8
 

@@ -34,7 +34,7 @@ from masstasker.server.metrics_http import start_metrics_http
 from masstasker.server.service import SERVICE_NAME, MassTaskerService
 from masstasker.server.stores import open_store
 from masstasker.server.stores.base import TaskStore
-from masstasker.server.tls import exposure_warnings, server_credentials
+from masstasker.server.tls import ServerTls, exposure_warnings
 
 __all__ = ["GC_THRESHOLDS", "BackgroundServer", "Server", "serve", "start", "tune_gc"]
 
@@ -62,6 +62,7 @@ class Server:
         port: int,
         registry: CollectorRegistry,
         tokens: TokenSet | None,
+        tls: ServerTls | None,
         http: WSGIServer | None,
     ) -> None:
         self.store = store
@@ -72,6 +73,7 @@ class Server:
         self.settings = settings
         self.registry = registry  # this server's metrics, served or not
         self.tokens = tokens  # the accepted bearer tokens, when --auth-token-file is set
+        self.tls = tls  # the TLS files, when --tls-cert is set
         self.http_port: int | None = http.server_port if http is not None else None
         self._grpc = grpc_server
         self._health = health
@@ -109,6 +111,25 @@ class Server:
             log.warning("no --auth-token-file: no tokens to reload")
             return False
         return self.tokens.reload()
+
+    def reload_tls(self) -> bool:
+        """Re-read ``--tls-cert``/``--tls-key``/``--tls-client-ca`` (SIGHUP does this) for new connections.
+
+        Returns False, keeping the current certificate, if the new files cannot be used.
+        """
+        if self.tls is None:
+            log.warning("no --tls-cert: no TLS files to reload")
+            return False
+        return self.tls.reload()
+
+    def reload(self) -> None:
+        """What SIGHUP does: re-read the token file and the TLS files, whichever are set."""
+        if self.tokens is None and self.tls is None:
+            log.warning("SIGHUP: no --auth-token-file nor --tls-cert, nothing to reload")
+        if self.tokens is not None:
+            self.tokens.reload()
+        if self.tls is not None:
+            self.tls.reload()
 
     def watch_store(self) -> None:
         """Health follows the store: NOT_SERVING while it is unavailable (a lost database) or once it failed
@@ -229,7 +250,8 @@ async def start(settings: Settings, *, clock: Callable[[], int] = time.time_ns) 
     if problem:
         raise ValueError(problem)
     tokens = TokenSet(settings.auth_token_file) if settings.auth_token_file else None
-    credentials = server_credentials(settings)
+    tls = ServerTls.from_settings(settings)
+    credentials = tls.credentials() if tls is not None else None
     async with AsyncExitStack() as cleanup:
         store = await open_store(settings, clock)
         cleanup.push_async_callback(store.close)
@@ -253,6 +275,7 @@ async def start(settings: Settings, *, clock: Callable[[], int] = time.time_ns) 
             port=port,
             registry=registry,
             tokens=tokens,
+            tls=tls,
             http=http,
         )
         await health_servicer.set("", _SERVING)
@@ -312,8 +335,8 @@ async def serve(settings: Settings) -> None:
     stopping = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
-    # Also when there is no token file: SIGHUP's default action would kill the server.
-    loop.add_signal_handler(signal.SIGHUP, server.reload_tokens)
+    # Also when there is nothing to reload: SIGHUP's default action would kill the server.
+    loop.add_signal_handler(signal.SIGHUP, server.reload)
     await _stop_requested_or_store_failed(stopping, server)
     failure = server.failure
     if failure is not None:
@@ -366,6 +389,10 @@ class BackgroundServer:
     def reload_tokens(self) -> bool:
         """:meth:`Server.reload_tokens` on the server's loop: what SIGHUP does to a CLI server."""
         return bool(self.call(lambda server: server.reload_tokens()))
+
+    def reload_tls(self) -> bool:
+        """:meth:`Server.reload_tls` on the server's loop: what SIGHUP does to a CLI server's TLS files."""
+        return bool(self.call(lambda server: server.reload_tls()))
 
     def start(self) -> BackgroundServer:
         """Start the thread and the server; return when it serves."""

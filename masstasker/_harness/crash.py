@@ -18,11 +18,7 @@ every ID any answer ever carried.
 from __future__ import annotations
 
 import dataclasses
-import os
 import random
-import signal
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -31,61 +27,34 @@ from pathlib import Path
 
 import grpc
 from google.protobuf import any_pb2
+from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from masstasker._pb import masstasker_pb2 as pb
 from masstasker._pb import masstasker_pb2_grpc as pb_grpc
+from masstasker._server_process import ServerProcess
 
-__all__ = ["CrashRounds", "ServerProcess"]
+__all__ = ["CrashRounds", "start_server"]
 
-REPO = Path(__file__).resolve().parent.parent
 NANOS = 1_000_000_000
 T0 = 1_000_000_000 * NANOS  # not_before of created tasks: long past
 NOW = 2_000_000_000 * NANOS  # the clock every Query passes
 OWN_FOR = 60 * NANOS
-_START_TIMEOUT = 30.0
+_JOIN_TIMEOUT = 30.0
 _RPC_TIMEOUT = 10.0
 
 
-class ServerProcess:
-    """``python -m masstasker.server`` on a free loopback port, with a data directory (None: memory only)."""
-
-    def __init__(self, data_dir: Path | None, log_path: Path, *extra: str) -> None:
-        env = dict(os.environ, PYTHONPATH=str(REPO))
-        cmd = [sys.executable, "-m", "masstasker.server", "--port", "0", "--listen-http", "", *extra]
-        if data_dir is not None:
-            cmd += ["--data-dir", str(data_dir)]
-        self.log_path = log_path
-        with open(log_path, "ab") as log:
-            offset = log.tell()
-            self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log, env=env, cwd=REPO)
-        self.target = self._wait_listening(offset)
-
-    def _wait_listening(self, offset: int) -> str:
-        deadline = time.monotonic() + _START_TIMEOUT
-        while time.monotonic() < deadline:
-            text = self.log_path.read_bytes()[offset:].decode(errors="replace")
-            for line in text.splitlines():
-                marker = "listening on "
-                if marker in line:
-                    return line.split(marker, 1)[1].strip()
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{text}")
-            time.sleep(0.02)
-        self.kill()
-        raise RuntimeError(f"server did not start within {_START_TIMEOUT} s")
-
-    def kill(self) -> None:
-        """SIGKILL: no chance to flush or clean up."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(_START_TIMEOUT)
-
-    def stop(self) -> int:
-        """SIGTERM and wait; the exit code."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(_START_TIMEOUT)
+def start_server(data_dir: Path | None, log_path: Path, *extra: str) -> ServerProcess:
+    """``python -m masstasker.server`` on a free loopback port, serving, with a data directory (None: memory
+    only); its log is appended to ``log_path``, which outlives the process for a post-mortem."""
+    args = [*extra, "--data-dir", str(data_dir)] if data_dir is not None else list(extra)
+    server = ServerProcess(*args, log_file=log_path)
+    try:
+        server.wait_serving()
+    except RuntimeError:
+        server.kill()
+        raise
+    return server
 
 
 @dataclass(frozen=True)
@@ -146,8 +115,9 @@ class Client(threading.Thread):
         self.counter += 1
         return f"{self.client}.{self.round_no}.{self.counter}"
 
-    def _known(self) -> list[tuple[str, Entry]]:
-        return [(k, e) for k, e in sorted(self.model.items()) if e.id is not None]
+    def _known(self) -> list[tuple[str, int]]:
+        """(lineage, ID) of every task whose ID this client knows."""
+        return [(k, e.id) for k, e in sorted(self.model.items()) if e.id is not None]
 
     def _op_create(self, stub: pb_grpc.MassTaskerStub) -> None:
         lineages = [self._lineage() for _ in range(self.rng.randint(1, 3))]
@@ -167,10 +137,10 @@ class Client(threading.Thread):
 
         request = pb.UpdateRequest(
             created=[
-                pb.Task(group=self.group, labels={"l": x}, data=_payload(x), not_before={"seconds": T0 // NANOS})
+                pb.Task(group=self.group, labels={"l": x}, data=_payload(x), not_before=Timestamp(seconds=T0 // NANOS))
                 for x in lineages
             ],
-            deleted=[pb.TaskRef(id=victim[1].id)] if victim is not None else [],
+            deleted=[pb.TaskRef(id=victim[1])] if victim is not None else [],
         )
         self.inflight = _Op("create", apply)
         response = stub.Update(request, timeout=_RPC_TIMEOUT)
@@ -182,7 +152,7 @@ class Client(threading.Thread):
         known = self._known()
         if not known:
             return self._op_create(stub)
-        lineage, entry = self.rng.choice(known)
+        lineage, task_id = self.rng.choice(known)
 
         def apply(model: Model) -> Model:
             model = dict(model)
@@ -190,7 +160,7 @@ class Client(threading.Thread):
             return model
 
         self.inflight = _Op("delete", apply)
-        stub.Update(pb.UpdateRequest(deleted=[pb.TaskRef(id=entry.id)]), timeout=_RPC_TIMEOUT)
+        stub.Update(pb.UpdateRequest(deleted=[pb.TaskRef(id=task_id)]), timeout=_RPC_TIMEOUT)
         self.model = apply(self.model)
 
     def _op_own(self, stub: pb_grpc.MassTaskerStub) -> None:
@@ -198,7 +168,7 @@ class Client(threading.Thread):
         visible = [(e.not_before, e.id, k) for k, e in model.items() if e.group == self.group and e.not_before <= NOW]
         if not visible or any(e.id is None for e in self.model.values()):
             return self._op_create(stub)
-        _, _, head = min(visible)  # type: ignore[type-var]  # IDs are all known here
+        _, _, head = min(visible)  # IDs are all known here, so no None is compared
         floor = self.max_seen
 
         def apply(model: Model, new_id: int | None = None) -> Model:
@@ -210,8 +180,8 @@ class Client(threading.Thread):
         response = stub.Query(
             pb.QueryRequest(
                 group=self.group,
-                own_for={"seconds": OWN_FOR // NANOS},
-                now={"seconds": NOW // NANOS},
+                own_for=Duration(seconds=OWN_FOR // NANOS),
+                now=Timestamp(seconds=NOW // NANOS),
             ),
             timeout=_RPC_TIMEOUT,
         )
@@ -320,7 +290,7 @@ class CrashRounds:
         self.max_seen = 0
         self.server_args = server_args
         self.round_no = 0
-        self.server = ServerProcess(data_dir, self.log_path, *server_args)
+        self.server = start_server(data_dir, self.log_path, *server_args)
 
     def round(self, *, min_load: float = 0.05, max_load: float = 0.5) -> RoundResult:
         """Load, SIGKILL at a random moment, restart, check. Raises AssertionError on any violation."""
@@ -338,10 +308,10 @@ class CrashRounds:
         for client in clients:
             client.stop_flag.set()
         for client in clients:
-            client.join(_START_TIMEOUT)
+            client.join(_JOIN_TIMEOUT)
             assert not client.is_alive(), f"{client.client} did not stop"
             assert client.error is None, client.error
-        self.server = ServerProcess(self.data_dir, self.log_path, *self.server_args)
+        self.server = start_server(self.data_dir, self.log_path, *self.server_args)
         recovered = self._read_state()
         result = RoundResult(sum(c.ops for c in clients), 0, 0, sum(len(m) for m in recovered.values()))
         for client in clients:
