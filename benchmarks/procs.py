@@ -51,7 +51,7 @@ def pin(pid: int, cpus: set[int] | None) -> None:
 
 
 class ServerProcess:
-    """A server subprocess; ``kind`` is "real" (MassTasker) or "ceiling" (canned answers).
+    """A server subprocess; ``kind`` is "ceiling" (canned answers) or any other name for MassTasker.
 
     Started by MassTasker's own launcher (``masstasker.testing.ServerProcess``), pinned to ``cpus`` from
     its first instruction by ``taskset``, so every thread it ever starts stays there.
@@ -59,7 +59,7 @@ class ServerProcess:
 
     def __init__(self, kind: str, *, cpus: set[int] | None, metrics: bool = False, extra: tuple[str, ...] = ()) -> None:
         self.kind = kind
-        module = "masstasker.server" if kind == "real" else "benchmarks.ceiling"
+        module = "benchmarks.ceiling" if kind == "ceiling" else "masstasker.server"
         self.command = (sys.executable, "-m", module)
         listen_http = "127.0.0.1:0" if metrics else ""
         self.args = ("--host", "127.0.0.1", "--port", "0", "--listen-http", listen_http, "--shutdown-grace", "1")

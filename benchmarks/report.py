@@ -118,6 +118,8 @@ def _notes(row: Row) -> str:
             f"threads {e['threads_before']}->{e['threads_waiting']}, RSS peak {e['rss_peak_mib']:.0f} MiB, "
             f"registered in {e['register_s']:.1f} s"
         )
+    if "summary" in e:
+        notes.append(e["summary"])
     if row.errors:
         notes.append("errors " + ", ".join(f"{k} {v}" for k, v in sorted(row.errors.items())))
     return "; ".join(notes)

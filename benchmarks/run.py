@@ -6,6 +6,7 @@ Examples::
     python -m benchmarks --quick               # smoke run with small sizes
     python -m benchmarks --scenario lease-64 --scenario batch-lease --json out.json
     python -m benchmarks --scenario lease --profile profiles/   # every lease-* scenario, py-spy on the server
+    python -m benchmarks --store postgres      # the PostgreSQL store's scenarios, on a throwaway cluster
 
 The server (and the ceiling server) run as subprocesses on 127.0.0.1,
 pinned to the first CPU; the load generators and this process are pinned
@@ -24,8 +25,9 @@ import shlex
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from benchmarks.loadgen import Pool
 from benchmarks.procs import ROOT, cpu_plan, pin
@@ -33,21 +35,24 @@ from benchmarks.profiles import summarize
 from benchmarks.report import check_targets, format_table, format_targets, write_json
 from benchmarks.scenarios import SCENARIOS, Context, Row, Sizes
 
+if TYPE_CHECKING:
+    from masstasker.testing_postgres import PostgresCluster
+
 __all__ = ["main", "select"]
 
 SEED = 5
 _DEFAULT_PROCESSES = 4
 
 
-def select(names: Sequence[str]) -> list[str]:
+def select(names: Sequence[str], scenarios: Sequence[str] = tuple(SCENARIOS)) -> list[str]:
     """Scenario names for ``--scenario`` values: exact names, or a prefix such as ``lease``."""
     if not names:
-        return list(SCENARIOS)
+        return list(scenarios)
     chosen = []
     for name in names:
-        matches = [s for s in SCENARIOS if s == name or s.startswith(name + "-")]
+        matches = [s for s in scenarios if s == name or s.startswith(name + "-")]
         if not matches:
-            raise SystemExit(f"unknown scenario {name!r}; choose from: {', '.join(SCENARIOS)}")
+            raise SystemExit(f"unknown scenario {name!r}; choose from: {', '.join(scenarios)}")
         chosen += [m for m in matches if m not in chosen]
     return chosen
 
@@ -101,9 +106,36 @@ def main(argv: Sequence[str] | None = None) -> int:
         metavar="DIR",
         help="py-spy the real server during one window per scenario; raw profiles and summaries here",
     )
+    parser.add_argument(
+        "--store",
+        choices=["memory", "postgres"],
+        default="memory",
+        help="postgres: the PostgreSQL store's scenarios on a throwaway cluster (benchmarks/pg.py)",
+    )
+    parser.add_argument("--pg-log", type=Path, metavar="FILE", help="with --store postgres: keep PostgreSQL's log here")
     args = parser.parse_args(argv)
 
-    names = select(args.scenario)
+    scenarios = SCENARIOS
+    cluster = None
+    if args.store == "postgres":
+        from benchmarks import pg
+
+        scenarios = pg.PG_SCENARIOS
+        # Before pinning this process: PostgreSQL's processes inherit its CPU set, and may use every CPU.
+        cluster = pg.start_cluster()
+    try:
+        return _run(args, scenarios, cluster)
+    finally:
+        if cluster is not None:
+            if args.pg_log:
+                args.pg_log.write_bytes(cluster.log.read_bytes())
+            cluster.destroy()
+
+
+def _run(
+    args: argparse.Namespace, scenarios: dict[str, Callable[[Any], list[Row]]], cluster: PostgresCluster | None
+) -> int:
+    names = select(args.scenario, tuple(scenarios))
     sizes = Sizes.quick() if args.quick else Sizes.full()
     if args.repeats:  # more windows on a noisy machine: the medians and the spread firm up
         sizes = dataclasses.replace(sizes, repeats=args.repeats)
@@ -111,6 +143,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     server_cpus, load_cpus = cpu_plan(not args.no_pin)
     pin(0, load_cpus)
     meta = _meta(args, sizes, server_cpus, load_cpus)
+    meta["store"] = args.store
 
     def log(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
@@ -118,16 +151,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows: list[Row] = []
     began = time.perf_counter()
     with Pool(max(2, args.processes), load_cpus) as pool:
-        ctx = Context(pool, sizes, server_cpus, args.profile, log)
+        if cluster is None:
+            ctx = Context(pool, sizes, server_cpus, args.profile, log)
+        else:
+            from benchmarks.pg import PgContext
+
+            ctx = PgContext(pool, sizes, server_cpus, args.profile, log, cluster=cluster)
         for name in names:
             started = time.perf_counter()
             log(f"{name} ...")
-            new = SCENARIOS[name](ctx)
+            new = scenarios[name](ctx)
             rows += new
             log(f"{name}: {time.perf_counter() - started:.1f} s")
             log(format_table(new))
     meta["duration_s"] = round(time.perf_counter() - began, 1)
-    targets = check_targets(rows)
+    if cluster is None:
+        targets = check_targets(rows)
+    else:
+        from benchmarks.pg import check_pg_targets
+
+        targets = check_pg_targets(rows)
     print(f"`{meta['command']}` at {meta['commit']}, {meta['duration_s']} s" + (" (quick sizes)" if args.quick else ""))
     print()
     print(format_table(rows))

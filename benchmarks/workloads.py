@@ -79,6 +79,21 @@ def _lease_op(stub: _Stub, job: dict[str, Any]) -> Op:
     return op
 
 
+def _lease_replace_op(stub: _Stub, job: dict[str, Any]) -> Op:
+    """Query(own), then one Update deleting the task and creating its replacement: a queue of constant depth."""
+    request = P.query_request(job["group"], own_for_s=_LEASE_S)
+    # Serialized messages concatenate into their merge: the delete's refs plus the create's task.
+    replacement = P.create_request(job["group"], 1)
+    query, update, parse, delete = stub.query, stub.update, pb.QueryResponse.FromString, P.delete_request
+
+    async def op() -> int:
+        task_id = parse(await query(request, timeout=_CALL_TIMEOUT)).task.id
+        await update(delete([task_id]) + replacement, timeout=_CALL_TIMEOUT)
+        return 1
+
+    return op
+
+
 def _batch_lease_op(stub: _Stub, job: dict[str, Any]) -> Op:
     """Through our own client: ``query_many(N, own_for)`` then one ``do(Delete(*tasks))``."""
     client = AsyncClient.from_channel(stub.channel)
@@ -132,6 +147,7 @@ def _create_op(stub: _Stub, job: dict[str, Any]) -> Op:
 
 _OPS: dict[str, Callable[[_Stub, dict[str, Any]], Op]] = {
     "lease": _lease_op,
+    "lease_replace": _lease_replace_op,
     "batch_lease": _batch_lease_op,
     "peek": _peek_op,
     "head": _head_op,

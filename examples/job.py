@@ -12,6 +12,9 @@ Run it against a server::
     python -m masstasker.server --port 50053 --listen-http '' &
     python examples/job.py --target 127.0.0.1:50053 --tasks 20 --workers 4
 
+``--target`` may also list several servers that share one PostgreSQL store, such as
+``ipv4:127.0.0.1:50053,127.0.0.1:50054``: calls are spread over them round-robin (docs/postgres.md).
+
 or, without ``--target``, against a server started in-process for the demo. The workers stop when the
 seed and work groups are both empty; a real job's workers would simply keep waiting for more.
 """
@@ -145,7 +148,9 @@ class JobResult:
 
 def run_job(target: str, config: JobConfig, *, create_seed: bool = True) -> JobResult:
     """Run the bootstrap worker and ``config.workers`` workers against ``target`` until the job is done."""
-    with Client(target) as client:
+    # round_robin spreads calls over every address of a target list (gRPC's default, pick_first, would
+    # send them all to the first); with one address it is the same as the default.
+    with Client(target, options=[("grpc.lb_policy_name", "round_robin")]) as client:
         if create_seed:
             seed(client, config)
         with ThreadPoolExecutor(max_workers=config.workers + 1) as pool:
@@ -165,7 +170,10 @@ def run_job(target: str, config: JobConfig, *, create_seed: bool = True) -> JobR
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry: parse flags, run the job, print a summary."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--target", help="server HOST:PORT (default: start one in-process)")
+    parser.add_argument(
+        "--target",
+        help="server HOST:PORT, or a list such as ipv4:127.0.0.1:50053,127.0.0.1:50054 (default: start one in-process)",
+    )
     parser.add_argument("--tasks", type=int, default=JobConfig.tasks)
     parser.add_argument("--workers", type=int, default=JobConfig.workers)
     parser.add_argument("--own-for", type=float, default=JobConfig.own_for, help="lease seconds")
