@@ -235,6 +235,19 @@ class StoreStatistics:
             for task in removed:
                 groups[task.group].departed += 1
             return []
+        if len(removed) == 1 and len(created) == 1:  # one task replaced: a renewal, a disown, or a move
+            old, new = removed[0], created[0]
+            if old.group != new.group:
+                groups[old.group].departed += 1
+                record(new.group).created += 1
+                return []
+            if (
+                was_leased
+                and old.key in was_leased
+                and (new.not_before == old.not_before if kind == BULK_SET else new.not_before > now)
+            ):
+                return [new]
+            return []
         gone = Counter(map(_group_of, removed))
         came = Counter(map(_group_of, created))
         for group, count in came.items():
@@ -263,17 +276,26 @@ class StoreStatistics:
             self._untimed = True
         elif time // _NANOS > self._open:
             self._close_open_second(time)
-        was_leased = {t.key for t in removed if t.id in leased_ids}
-        for task in removed:
-            leased_ids.discard(task.id)
-        if kind == OWN:
+        discard = leased_ids.discard
+        if kind == OWN:  # the commonest record: a lease (which may also have parked poison tasks)
+            for task in removed:
+                discard(task.id)
             owned, parked_from, parked = _split_own(removed, created)
             if owned:
                 self.record(owned[0].group).owned += len(owned)
-                leased_ids.update(t.id for t in owned)
+                leased_ids.update([task.id for task in owned])
             if parked:
                 self._count(UPDATE, parked_from, parked, None, 0 if time is None else time)
             return
+        if not created:  # the next commonest: a completion
+            groups = self.groups
+            for task in removed:
+                discard(task.id)
+                groups[task.group].departed += 1
+            return
+        was_leased = {t.key for t in removed if t.id in leased_ids}
+        for task in removed:
+            discard(task.id)
         for task in self._count(kind, removed, created, was_leased, 0 if time is None else time):
             leased_ids.add(task.id)
 
