@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from masstasker._pb import masstasker_pb2 as pb
+from masstasker.server.convert import body_of
 from masstasker.server.stats import HistoryRequest, TaskState
 from masstasker.server.stores.memory.admin import MemoryAdminView
 from masstasker.server.stores.memory.stats import FORGET_IDLE_SECONDS, body_has_error
@@ -230,10 +231,10 @@ class StatsAgainstModel(RuleBasedStateMachine):
         ref = IdRef(data.draw(st.sampled_from(leased))) if leased and data.draw(st.booleans()) else self.ref(data)
         not_before = None if offset is None else self.clock.now + offset
 
-        def patch(old: bytes) -> bytes:
+        def patch(old: bytes) -> bytes:  # as the servicer's BulkSet does: attempts stay the body's first field
             task = pb.Task.FromString(old)
             task.error = "set by bulk"
-            return task.SerializeToString()
+            return body_of(task)
 
         def model() -> int:
             doomed = list(dict.fromkeys(self.model.select(ref)))

@@ -43,7 +43,7 @@ class Bench:
         self.taken: list[str] = []  # which waiter took what, in order
 
     def create(self, group: str = "g", not_before: int | None = None, body: bytes = b"") -> int:
-        [task_id] = self.store.update([TaskSpec(group, not_before, body)])
+        [task_id] = self.store.update([TaskSpec(group, not_before, body, None, error_of(body) != "")])
         return task_id
 
     def wait(
