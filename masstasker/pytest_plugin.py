@@ -16,6 +16,9 @@ fixtures and such bindings in one process would still clash: that is protobuf's 
     Make more clients for that server (e.g. ``factory(clock=clock)``, or one per simulated worker).
 ``masstasker_clock``
     A ``FakeClock``: time moves only when the test calls ``advance()``.
+``masstasker_store``
+    ``"memory"``; override it to return a PostgreSQL DSN and every server fixture uses a PostgreSQL
+    store (a fresh schema per test): your worker tests then run against the shared store too.
 ``masstasker_server_settings`` / ``masstasker_client_options``
     Override these (return a dict) to give ``masstasker_server`` settings such as ``tls_cert``,
     ``tls_key``, ``tls_client_ca`` or ``auth_token_file``, and every client fixture the matching
@@ -49,6 +52,7 @@ __all__ = [
     "masstasker_server",
     "masstasker_server_process",
     "masstasker_server_settings",
+    "masstasker_store",
 ]
 
 
@@ -72,20 +76,35 @@ def masstasker_client_options() -> dict[str, Any]:
 
 
 @pytest.fixture
-def masstasker_server(masstasker_server_settings: dict[str, Any]) -> Iterator[BackgroundServer]:
-    """A fresh in-process MassTasker server for this test; dial ``masstasker_server.target``."""
-    from masstasker.testing import run_server
+def masstasker_store() -> str:
+    """Where the server fixtures keep tasks: ``"memory"`` (the default) or a PostgreSQL DSN or URI.
 
-    with run_server(**masstasker_server_settings) as server:
+    Override it to run your worker tests against a PostgreSQL-backed server; each test gets an empty
+    schema of its own, dropped afterwards. With the throwaway cluster this package's
+    ``masstasker.testing_postgres`` plugin starts (Unix socket, temporary directory)::
+
+        @pytest.fixture
+        def masstasker_store(postgresql_dsn):
+            return postgresql_dsn
+    """
+    return "memory"
+
+
+@pytest.fixture
+def masstasker_server(masstasker_server_settings: dict[str, Any], masstasker_store: str) -> Iterator[BackgroundServer]:
+    """A fresh in-process MassTasker server for this test; dial ``masstasker_server.target``."""
+    from masstasker.testing import run_server, store_settings
+
+    with store_settings(masstasker_store) as store, run_server(**store, **masstasker_server_settings) as server:
         yield server
 
 
 @pytest.fixture
-def masstasker_server_process() -> Iterator[ServerProcess]:
+def masstasker_server_process(masstasker_store: str) -> Iterator[ServerProcess]:
     """A fresh ``python -m masstasker.server`` subprocess for this test; dial ``.target``."""
-    from masstasker.testing import run_server_process
+    from masstasker.testing import run_server_process, store_args, store_settings
 
-    with run_server_process() as server:
+    with store_settings(masstasker_store) as store, run_server_process(*store_args(store)) as server:
         yield server
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
+import os
 import threading
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
@@ -25,6 +27,8 @@ __all__ = [
     "ServerProcess",
     "run_server",
     "run_server_process",
+    "store_args",
+    "store_settings",
 ]
 
 
@@ -180,3 +184,34 @@ def run_server(**settings: Any) -> Iterator[BackgroundServer]:
     settings = {"host": "127.0.0.1", "port": 0, "listen_http": "", **settings}
     with BackgroundServer(Settings(**settings)) as server:
         yield server
+
+
+@contextlib.contextmanager
+def store_settings(store: str = "memory") -> Iterator[dict[str, Any]]:
+    """``Settings`` fields for a server on ``store``, for the duration of the ``with``.
+
+    ``"memory"`` (or ``""``): none. A PostgreSQL DSN or URI: that database in a
+    schema of its own that no other test uses, dropped on exit (needs
+    ``pip install 'masstasker[postgres]'``), so every test starts from an
+    empty store as it would in memory.
+    """
+    if store in ("", "memory"):
+        yield {}
+        return
+    import psycopg  # the PostgreSQL extra; only when a test asks for PostgreSQL
+    from psycopg import sql
+
+    schema = f"mt_test_{os.getpid()}_{next(_schema_numbers)}"
+    try:
+        yield {"store": store, "store_schema": schema, "store_pool_size": 4}
+    finally:
+        with psycopg.connect(store, autocommit=True) as conn:
+            conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema)))
+
+
+def store_args(settings: dict[str, Any]) -> list[str]:
+    """:func:`store_settings`' fields as ``python -m masstasker.server`` flags."""
+    return [arg for name, value in settings.items() for arg in (f"--{name.replace('_', '-')}", str(value))]
+
+
+_schema_numbers = itertools.count(1)

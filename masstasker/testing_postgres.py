@@ -260,17 +260,15 @@ class PostgresCluster:
     def _pg_ctl(self, *args: str) -> None:
         self._pg("pg_ctl", "--pgdata", str(self.data), "--wait", "--timeout", str(int(TIMEOUT)), *args)
 
+    def _as_account(self) -> list[str]:
+        return _setpriv(self._account) if self._account is not None else []
+
     def _pg(self, program: str, *args: str) -> None:
-        command = [str(self.bin / program), *args]
-        if self._account is not None:
-            # runuser switches user in the child. Python's own user=/group= would make subprocess fork()
-            # instead of vfork(), and a fork() of a process running gRPC's threads can crash the child.
-            command = [_runuser(), "-u", self._account.pw_name, "--", *command]
         # Output to a file, not a pipe: a postmaster started by pg_ctl inherits pg_ctl's stdout and would
         # hold a pipe open for its whole life, so reading it to the end would never finish.
         with tempfile.TemporaryFile("w+") as out:
             done = subprocess.run(
-                command,
+                [*self._as_account(), str(self.bin / program), *args],
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
@@ -287,11 +285,14 @@ class PostgresCluster:
             raise RuntimeError(f"{program} {' '.join(args)} failed ({done.returncode}):\n{output}\n{log}")
 
 
-def _runuser() -> str:
-    found = shutil.which("runuser", path="/usr/sbin:/sbin:/usr/bin:/bin")
-    if found is None:
-        raise PostgresNotFound("running as root needs runuser (util-linux) to start PostgreSQL as another user")
-    return found
+def _setpriv(account: pwd.struct_passwd) -> list[str]:
+    """``setpriv`` switching to ``account``: the switch happens after exec, in setpriv.
+
+    Not subprocess's ``user=``/``group=``: those switch in the forked child
+    before exec, which rules out vfork, and a forked copy of a process with
+    gRPC threads busy (a test holding calls in flight) can crash there (SIGSEGV).
+    """
+    return ["setpriv", f"--reuid={account.pw_uid}", f"--regid={account.pw_gid}", "--clear-groups", "--"]
 
 
 def _dsn_value(value: str) -> str:

@@ -22,6 +22,7 @@ from masstasker._harness.fuzzing import METHODS, call, messages, raw_bytes, requ
 from masstasker._pb import masstasker_pb2 as pb
 from masstasker._pb import masstasker_pb2_grpc as pb_grpc
 from masstasker.server import BackgroundServer, Settings
+from masstasker.testing import store_settings
 
 EXAMPLES = int(os.environ.get("MASSTASKER_FUZZ_EXAMPLES", "60"))
 FUZZ = settings(
@@ -54,10 +55,13 @@ class Fuzzed:
         self.server.call(lambda s: s.store.check())
 
 
-@pytest.fixture(scope="module")
-def fuzzed() -> Iterator[Fuzzed]:
+@pytest.fixture(scope="module", params=["memory", "postgres"])
+def fuzzed(request: pytest.FixtureRequest) -> Iterator[Fuzzed]:
+    """A server in memory, and one on PostgreSQL: hostile strings must round trip there too, never run as SQL."""
+    store = str(request.getfixturevalue("postgresql_dsn")) if request.param == "postgres" else "memory"
     with (
-        BackgroundServer(Settings(port=0, listen_http="")) as server,
+        store_settings(store) as store_fields,
+        BackgroundServer(Settings(port=0, listen_http="", **store_fields)) as server,
         grpc.insecure_channel(server.target) as channel,
     ):
         yield Fuzzed(server, channel)

@@ -10,6 +10,7 @@ query plans of the hot statements.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import asynccontextmanager
@@ -407,6 +408,25 @@ def test_a_waiter_on_one_store_is_woken_by_a_create_on_another(postgresql_dsn: s
     run(scenario())
 
 
+def test_poll_only_mode_wakes_waiters_without_notifications(postgresql_dsn: str, postgresql_schema: str) -> None:
+    """For a pooler that drops notifications (PgBouncer in transaction mode): the poll finds the task."""
+
+    async def scenario() -> None:
+        # Both poll-only: nobody LISTENs, so the notification the create sends reaches no one.
+        async with (
+            opened(postgresql_dsn, postgresql_schema, poll_only=True) as a,
+            opened(postgresql_dsn, postgresql_schema, poll_only=True) as b,
+        ):
+            waiting = asyncio.create_task(a.wait("w", 0, 60 * SECOND, 1, 30.0))
+            await eventually(lambda: asyncio.sleep(0, a.waiters.count == 1), "the waiter to wait")
+            await b.update([spec("w", b"polled")])
+            (task,) = await waiting
+            assert task.body == b"polled"
+            assert a.waiters.polls >= 1
+
+    run(scenario())
+
+
 def test_a_waiter_wakes_when_not_before_arrives(postgresql_dsn: str, postgresql_schema: str) -> None:
     async def scenario() -> None:
         async with opened(postgresql_dsn, postgresql_schema) as store:
@@ -435,6 +455,38 @@ def test_a_cancelled_waiter_never_takes_the_task(postgresql_dsn: str, postgresql
             assert [t.id for t in (await store.debug("fifo", 0))[0]] == [task.id]
 
     run(scenario())
+
+
+def test_calls_cancelled_mid_statement_take_nothing_and_leave_no_dirty_connection(
+    postgresql_dsn: str, postgresql_schema: str
+) -> None:
+    """Clients that go away at any moment: no task is taken by them, no pooled connection stays in a transaction."""
+
+    async def scenario() -> None:
+        async with opened(postgresql_dsn, postgresql_schema, pool_size=2) as store:
+            await store.update([spec("g") for _ in range(50)])
+            for i in range(100):
+                call = asyncio.create_task(store.wait("g", 0, 60 * SECOND if i % 2 else 0, 1, 5.0))
+                await asyncio.sleep(0.0005 * (i % 7))  # cut off at a different point each time
+                call.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await call
+            assert (await store.debug("g", 0))[1] == 50
+
+            async def none_leased() -> bool:
+                # A take whose commit was under way when its caller left is given back (in the background).
+                return all(t.not_before < time.time_ns() for t in (await store.debug("g", 0))[0])
+
+            await eventually(none_leased, "every task a departed waiter took to be given back")
+
+            async def state(conn: Any) -> tuple[int, int]:
+                return conn.pgconn.transaction_status, conn.pgconn.pipeline_status
+
+            for _ in range(4):
+                assert await store._run(state) == (0, 0)  # idle, not in a pipeline
+            await store.check()
+
+    run(scenario(), timeout=120)
 
 
 def test_waiters_are_served_first_come_first_served(postgresql_dsn: str, postgresql_schema: str) -> None:
@@ -471,11 +523,11 @@ def test_losing_the_database_is_unavailable_then_recovers(
             (kept,) = await store.update([spec("kept")])
             waiting = asyncio.create_task(store.wait("empty", 0, 0, 1, 60.0))
             await eventually(lambda: asyncio.sleep(0, store.waiters.count == 1), "the waiter")
-            stopped_at = time.monotonic()
             await asyncio.to_thread(postgresql_cluster.stop, "fast")
+            stopped_at = time.monotonic()  # pg_ctl returns once the server is down (slow on a busy machine)
             try:
                 await eventually(lambda: asyncio.sleep(0, not store.available), "the store to notice")
-                assert time.monotonic() - stopped_at < 2.5
+                assert time.monotonic() - stopped_at < 2.0, "noticed more than 2 s after the database went down"
                 with pytest.raises(StoreUnavailable, match="PostgreSQL store"):
                     await waiting
                 with pytest.raises(StoreUnavailable, match="PostgreSQL store"):
@@ -521,11 +573,9 @@ def test_hot_statements_use_their_indexes(postgresql_dsn: str, postgresql_schema
                     assert "tasks_queue" in text and "Sort" not in text.split("tasks_queue")[0].split("\n")[-1], text
                 assert "tasks_queue" in await plan(sql.debug_group, {"grp": b"g3", "limit": 10})
                 assert "tasks_pkey" in await plan(sql.debug_all, {"limit": 10})
+                assert "tasks_queue" in await plan(sql.group_stats, {"now_s": now_s, "now_ns": now_ns})
                 assert "tasks_pkey" in await plan(sql.delete_by_ids, {"ids": [1, 2]})
                 assert "tasks_labels" in await plan(sql.delete_by_labels, {"labels": ["6e:35"]})
-                assert "tasks_queue" in await plan(
-                    sql.hidden_counts, {"groups": [b"g3"], "now_s": now_s, "now_ns": now_ns}
-                )
 
     run(scenario(), timeout=120)
 

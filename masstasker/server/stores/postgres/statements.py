@@ -55,6 +55,16 @@ FROM gone ORDER BY nb_s, nb_ns, id
 RETURNING id, body
 """
 
+# tasks_pkey. A waiter's caller went away while its lease was committing: the lease is undone by
+# re-creating the tasks visible at the waiter's now (new IDs, as a disown would).
+GIVE_BACK = """
+WITH gone AS (
+    DELETE FROM {schema}.tasks WHERE id = ANY(%(ids)b::int8[]) RETURNING id, grp, body, labels
+)
+INSERT INTO {schema}.tasks (id, grp, nb_s, nb_ns, body, labels)
+SELECT nextval('{schema}.task_ids'), grp, %(now_s)b::int8, %(now_ns)b::int4, body, labels FROM gone ORDER BY id
+"""
+
 # tasks_queue: the first task of the group that is not visible yet (for a waiter's timer).
 NEXT_HIDDEN = """
 SELECT nb_s, nb_ns FROM {schema}.tasks
@@ -156,35 +166,56 @@ SELECT pg_notify(%(channel)b, g) FROM unnest(%(groups)b::text[]) AS g
 
 # -- Debug and metrics --------------------------------------------------------------
 
-# tasks_queue, in order; LIMIT NULL reads the whole group.
+# One statement, so one snapshot: the page and the count agree. tasks_queue for the page, in order
+# (LIMIT NULL: the whole group); group_counts for the count. The count comes on every row, and on
+# one row of NULLs when the group is empty.
 DEBUG_GROUP = """
-SELECT id, nb_s, nb_ns, body FROM {schema}.tasks WHERE grp = %(grp)b
-ORDER BY grp, nb_s, nb_ns, id LIMIT %(limit)b
+WITH total AS (
+    SELECT coalesce(sum(n), 0)::int8 AS n FROM {schema}.group_counts WHERE grp = %(grp)b
+), page AS (
+    SELECT id, nb_s, nb_ns, body FROM {schema}.tasks WHERE grp = %(grp)b
+    ORDER BY grp, nb_s, nb_ns, id LIMIT %(limit)b
+)
+SELECT total.n, page.id, page.nb_s, page.nb_ns, page.body FROM total LEFT JOIN page ON true
+ORDER BY page.nb_s, page.nb_ns, page.id
 """
 
-# tasks_pkey, in order.
+# As DEBUG_GROUP, every group: tasks_pkey for the page, in ID order.
 DEBUG_ALL = """
-SELECT id, grp, nb_s, nb_ns, body FROM {schema}.tasks ORDER BY id LIMIT %(limit)b
+WITH total AS (
+    SELECT coalesce(sum(n), 0)::int8 AS n FROM {schema}.group_counts
+), page AS (
+    SELECT id, grp, nb_s, nb_ns, body FROM {schema}.tasks ORDER BY id LIMIT %(limit)b
+)
+SELECT total.n, page.id, page.grp, page.nb_s, page.nb_ns, page.body FROM total LEFT JOIN page ON true
+ORDER BY page.id
 """
 
-# group_counts: small (compacted) and unindexed; a sequential scan of it.
-GROUP_SIZE = """
-SELECT coalesce(sum(n), 0)::int8 FROM {schema}.group_counts WHERE grp = %(grp)b
-"""
-
-# group_counts, as GROUP_SIZE.
-GROUP_SIZES = """
-SELECT grp, sum(n)::int8 FROM {schema}.group_counts GROUP BY grp HAVING sum(n) <> 0
-"""
-
-# tasks_queue: per group, the tasks not yet visible (usually few: the leased ones), counted from
-# the index; visible = size - hidden. Never a scan of the visible backlog.
-HIDDEN_COUNTS = """
-SELECT g, (
-    SELECT count(*) FROM {schema}.tasks
-    WHERE grp = g AND (nb_s, nb_ns) > (%(now_s)b::int8, %(now_ns)b::int4)
+# group_counts: small (compacted) and unindexed; a sequential scan of it. Per group, the tasks not
+# yet visible (usually few: the leased ones) are counted from tasks_queue; visible = size - hidden.
+# Never a scan of the visible backlog. One statement: sizes and hidden counts from one snapshot.
+GROUP_STATS = """
+WITH sizes AS (
+    SELECT grp, sum(n)::int8 AS n FROM {schema}.group_counts GROUP BY grp HAVING sum(n) <> 0
+)
+SELECT grp, n, (
+    SELECT count(*) FROM {schema}.tasks t
+    WHERE t.grp = sizes.grp AND (t.nb_s, t.nb_ns) > (%(now_s)b::int8, %(now_ns)b::int4)
 )::int8
-FROM unnest(%(groups)b::bytea[]) AS g
+FROM sizes
+"""
+
+# group_counts against a count of the tasks table (tasks_queue, whole), in one snapshot: only for the
+# tests' consistency check, never on a request path. Rows where the two disagree.
+COUNTS_DISAGREE = """
+WITH counted AS (
+    SELECT grp, sum(n)::int8 AS n FROM {schema}.group_counts GROUP BY grp HAVING sum(n) <> 0
+), actual AS (
+    SELECT grp, count(*)::int8 AS n FROM {schema}.tasks GROUP BY grp
+)
+SELECT coalesce(counted.grp, actual.grp), counted.n, actual.n
+FROM counted FULL JOIN actual ON counted.grp = actual.grp
+WHERE counted.n IS DISTINCT FROM actual.n
 """
 
 # group_counts: fold every delta row into one row per group. Safe to run concurrently from
@@ -202,11 +233,6 @@ COUNT_ROWS = """
 SELECT count(*) FROM {schema}.group_counts
 """
 
-# tasks_queue, whole: only for the tests' consistency check, never on a request path.
-COUNT_TASKS = """
-SELECT grp, count(*)::int8 FROM {schema}.tasks GROUP BY grp
-"""
-
 # -- connections ---------------------------------------------------------------------
 
 PING = "SELECT 1"
@@ -219,6 +245,7 @@ class Statements:
     peek_head: LiteralString
     own_head: LiteralString
     next_hidden: LiteralString
+    give_back: LiteralString
     lock_predicates: LiteralString
     delete_by_ids: LiteralString
     delete_by_groups: LiteralString
@@ -230,12 +257,10 @@ class Statements:
     notify_groups: LiteralString
     debug_group: LiteralString
     debug_all: LiteralString
-    group_size: LiteralString
-    group_sizes: LiteralString
-    hidden_counts: LiteralString
+    group_stats: LiteralString
     compact_counts: LiteralString
     count_rows: LiteralString
-    count_tasks: LiteralString
+    counts_disagree: LiteralString
 
 
 def quote_schema(schema: str) -> str:

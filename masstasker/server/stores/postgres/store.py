@@ -208,7 +208,13 @@ class PostgresStore:
         for attempt in range(_RETRIES):
             try:
                 async with self._pool.connection() as conn:
-                    return await op(conn)
+                    try:
+                        return await op(conn)
+                    except asyncio.CancelledError:
+                        # Cut off mid-statement (the caller went away), the connection may still be
+                        # inside a transaction or a pipeline: never hand it to the next caller.
+                        conn.pgconn.finish()
+                        raise
             except (errors.SerializationFailure, errors.DeadlockDetected):
                 self.retries += 1
                 if attempt == _RETRIES - 1:
@@ -272,9 +278,7 @@ class PostgresStore:
             params = {"grp": grp, "now_s": now_s, "now_ns": now_ns, "n": n, "until_s": until_s, "until_ns": until_ns}
 
             async def own(conn: Conn) -> tuple[list[StoredTask], bool]:
-                # An explicit transaction: if the waiter's call is cancelled before it commits, the
-                # lease rolls back and the task stays for the next waiter. The peek after the lease
-                # (same round trip) tells whether the next waiter should look too.
+                # The peek after the lease (same round trip) tells whether the next waiter should look too.
                 async with conn.pipeline(), conn.transaction():
                     cur = await conn.execute(self._sql.own_head, params)
                     behind = await conn.execute(
@@ -284,7 +288,14 @@ class PostgresStore:
                     more = bool(await behind.fetchall())
                 return [StoredTask(i, group, until, b, None) for i, b in rows], more
 
-            return await self._run(own)
+            # The take runs to its end even if the caller goes away meanwhile (a statement cut off
+            # cannot tell whether it committed); what a departed caller took is given back.
+            taking = asyncio.ensure_future(self._run(own))
+            try:
+                return await asyncio.shield(taking)
+            except asyncio.CancelledError:
+                taking.add_done_callback(lambda done: self._give_back(done, group, now))
+                raise
 
         async def next_hidden(now: int) -> int | None:
             now_s, now_ns = split_ns(now)
@@ -297,6 +308,30 @@ class PostgresStore:
             return await self._run(read)
 
         return await self.waiters.wait(group, offset, take, next_hidden, timeout)
+
+    def _give_back(self, taken: asyncio.Future[tuple[list[StoredTask], bool]], group: str, now: int) -> None:
+        """Undo the lease a cancelled waiter's take committed: the tasks are visible again at its ``now``."""
+        if taken.cancelled() or taken.exception() is not None or not taken.result()[0]:
+            return
+        ids = [task.id for task in taken.result()[0]]
+        now_s, now_ns = split_ns(now)
+
+        async def apply(conn: Conn) -> None:
+            async with conn.pipeline():
+                await conn.execute(self._sql.give_back, {"ids": ids, "now_s": now_s, "now_ns": now_ns})
+                await conn.execute(
+                    self._sql.notify_groups, {"channel": self.options.channel, "groups": [notify_payload(group)]}
+                )
+
+        async def give_back() -> None:
+            try:
+                await self._run(apply)
+            except StoreUnavailable as exc:  # the lease then expires as any other would
+                log.warning("could not give back tasks %s a departed waiter leased: %s", ids, exc)
+
+        task = asyncio.ensure_future(give_back())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     # -- Update and BulkSet ----------------------------------------------------------------
 
@@ -316,10 +351,15 @@ class PostgresStore:
             return await self._create_only(new_rows)
 
         async def apply(conn: Conn) -> list[int]:
-            async with conn.pipeline(), conn.transaction():
-                pending = await self._send_deletes(conn, predicates, ids, groups, selectors, self._sql.delete_by_ids)
-                inserted = await self._send_inserts(conn, new_rows)
-                await self._check_deletes(pending, predicates, ids)
+            # Two round trips: the checks and deletions, then (only if they pass, so a failed Update
+            # uses no ID) the creations with the COMMIT.
+            async with conn.pipeline():
+                async with conn.transaction():
+                    pending = await self._send_deletes(
+                        conn, predicates, ids, groups, selectors, self._sql.delete_by_ids
+                    )
+                    await self._check_deletes(pending, predicates, ids)
+                    inserted = await self._send_inserts(conn, new_rows)
                 return sorted(row[0] for row in await inserted.fetchall()) if inserted is not None else []
 
         return await self._run(apply)
@@ -410,7 +450,10 @@ class PostgresStore:
     ) -> list[psycopg.AsyncCursor[Any]]:
         """Queue (in a pipeline) the predicate locks and the deletions, IDs first (so overlaps count as found)."""
         pending: list[psycopg.AsyncCursor[Any]] = []
-        real_predicates = [p for p in predicates if p <= _MAX_ID]
+        # A predicate this Update also deletes by ID is locked by the delete itself: taking a KEY SHARE
+        # lock first would make two such Updates deadlock (each holds the share the other's delete needs).
+        deleting = set(ids)
+        real_predicates = [p for p in predicates if p <= _MAX_ID and p not in deleting]
         if real_predicates:
             pending.append(await conn.execute(self._sql.lock_predicates, {"ids": real_predicates}))
         if ids:
@@ -430,16 +473,16 @@ class PostgresStore:
         """Predicates first (FAILED_PRECONDITION), then ID refs (NOT_FOUND); every row deleted."""
         results = [await cur.fetchall() for cur in cursors]
         position = 0
-        if any(p <= _MAX_ID for p in predicates):
+        deleting = set(ids)
+        found: set[int] = set()
+        if any(p <= _MAX_ID and p not in deleting for p in predicates):
             found = {row[0] for row in results[0]}
             position = 1
-        else:
-            found = set()
+        deleted = {row[0] for row in results[position]} if ids else set()
         for pred in predicates:
-            if pred not in found:
+            if pred not in found and pred not in deleted:
                 raise PreconditionFailed(f"predicate task {pred} does not exist")
         if ids:
-            deleted = {row[0] for row in results[position]}
             for task_id in ids:
                 if task_id not in deleted:
                     raise NotFound(f"task {task_id} does not exist")
@@ -466,30 +509,25 @@ class PostgresStore:
     async def debug(self, group: str, limit: int) -> tuple[list[StoredTask], int]:
         """A group's tasks in queue order (or all tasks in ID order), at most ``limit`` (0: all), and the count.
 
-        Reads only the rows it returns; the count comes from group_counts. Both
-        from one snapshot.
+        One statement: reads only the rows it returns, takes the count from
+        group_counts, both from one snapshot.
         """
         bounded = limit if 0 < limit <= _MAX_ID else None
 
         async def read(conn: Conn) -> tuple[list[StoredTask], int]:
-            async with conn.pipeline(), conn.transaction():
-                await conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-                if group:
-                    grp = group_bytes(group)
-                    tasks_cur = await conn.execute(self._sql.debug_group, {"grp": grp, "limit": bounded})
-                    count_cur = await conn.execute(self._sql.group_size, {"grp": grp})
-                    tasks = [
-                        StoredTask(i, group, join_ns(s, ns), b, None) for i, s, ns, b in await tasks_cur.fetchall()
-                    ]
-                    row = await count_cur.fetchone()
-                    return tasks, int(row[0]) if row else 0
-                tasks_cur = await conn.execute(self._sql.debug_all, {"limit": bounded})
-                count_cur = await conn.execute(self._sql.group_sizes)
+            if group:
+                cur = await conn.execute(self._sql.debug_group, {"grp": group_bytes(group), "limit": bounded})
+                rows = await cur.fetchall()
+                tasks = [StoredTask(i, group, join_ns(s, ns), b, None) for _, i, s, ns, b in rows if i is not None]
+            else:
+                cur = await conn.execute(self._sql.debug_all, {"limit": bounded})
+                rows = await cur.fetchall()
                 tasks = [
                     StoredTask(i, group_from_bytes(g), join_ns(s, ns), b, None)
-                    for i, g, s, ns, b in await tasks_cur.fetchall()
+                    for _, i, g, s, ns, b in rows
+                    if i is not None
                 ]
-                return tasks, sum(n for _, n in await count_cur.fetchall())
+            return tasks, int(rows[0][0]) if rows else 0
 
         return await self._run(read)
 
@@ -497,16 +535,11 @@ class PostgresStore:
         """Every non-empty group's (size, visible at ``now``), and the total; never scans the tasks table."""
         now_s, now_ns = split_ns(now)
 
-        async def read(conn: Conn) -> tuple[dict[str, tuple[int, int]], int]:
-            async with conn.transaction():
-                await conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-                sizes = {bytes(g): n for g, n in await (await conn.execute(self._sql.group_sizes)).fetchall()}
-                cur = await conn.execute(
-                    self._sql.hidden_counts, {"groups": list(sizes), "now_s": now_s, "now_ns": now_ns}
-                )
-                hidden = {bytes(g): n for g, n in await cur.fetchall()}
-            stats = {group_from_bytes(g): (n, n - hidden.get(g, 0)) for g, n in sizes.items()}
-            return stats, sum(sizes.values())
+        async def read(conn: Conn) -> tuple[GroupStats, int]:
+            cur = await conn.execute(self._sql.group_stats, {"now_s": now_s, "now_ns": now_ns})
+            rows = await cur.fetchall()
+            stats = {group_from_bytes(g): (n, n - hidden) for g, n, hidden in rows}
+            return stats, sum(n for _, n, _ in rows)
 
         return await self._run(read)
 
@@ -517,15 +550,11 @@ class PostgresStore:
     async def check(self) -> None:
         """Assert that group_counts agrees with the tasks table, and the waiters' invariants (tests)."""
 
-        async def read(conn: Conn) -> tuple[dict[bytes, int], dict[bytes, int]]:
-            async with conn.transaction():
-                await conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-                counted = {bytes(g): n for g, n in await (await conn.execute(self._sql.group_sizes)).fetchall()}
-                actual = {bytes(g): n for g, n in await (await conn.execute(self._sql.count_tasks)).fetchall()}
-            return counted, actual
+        async def read(conn: Conn) -> list[tuple[Any, ...]]:
+            return await (await conn.execute(self._sql.counts_disagree)).fetchall()
 
-        counted, actual = await self._run(read)
-        assert counted == actual, f"group_counts {counted} disagrees with the tasks table {actual}"
+        disagree = await self._run(read)
+        assert not disagree, f"group_counts disagrees with the tasks table (group, counted, actual): {disagree}"
         self.waiters._check()
 
     async def compact_counts(self) -> bool:
