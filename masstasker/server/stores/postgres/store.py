@@ -111,7 +111,8 @@ class PostgresStore:
         )
         self._down: str | None = None  # why the database is unreachable, while it is
         self._compactor: asyncio.Task[None] | None = None
-        self._background: set[asyncio.Future[None]] = set()
+        self._background: set[asyncio.Future[Any]] = set()
+        self._closing = False
         self.schema_version: schema.SchemaVersion | None = None
         self.retries = 0  # transactions retried after a deadlock or serialization failure, ever
         self._availability: list[Callable[[str | None], Awaitable[None]]] = []
@@ -149,9 +150,14 @@ class PostgresStore:
 
     async def close(self) -> None:
         """Release waiters, stop the background work, close every connection."""
+        self._closing = True
         await self.waiters.close()
-        for task in self._background:
+        # Takes still finishing for departed waiters, give-backs, health callbacks: end them here,
+        # on a loop that is still running.
+        background = list(self._background)
+        for task in background:
             task.cancel()
+        await asyncio.gather(*background, return_exceptions=True)
         if self._compactor is not None:
             self._compactor.cancel()
             await asyncio.gather(self._compactor, return_exceptions=True)
@@ -184,7 +190,9 @@ class PostgresStore:
         self._down = reason
         self.waiters.release_all(StoreUnavailable(f"{_STORE} unreachable: {reason}"))
         for callback in self._availability:
-            self._background.add(asyncio.ensure_future(callback(reason)))
+            task = asyncio.ensure_future(callback(reason))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
 
     async def _on_up(self) -> None:
         # Connections from before the outage are dead: replace them before answering again.
@@ -291,6 +299,8 @@ class PostgresStore:
             # The take runs to its end even if the caller goes away meanwhile (a statement cut off
             # cannot tell whether it committed); what a departed caller took is given back.
             taking = asyncio.ensure_future(self._run(own))
+            self._background.add(taking)
+            taking.add_done_callback(self._background.discard)
             try:
                 return await asyncio.shield(taking)
             except asyncio.CancelledError:
@@ -311,8 +321,8 @@ class PostgresStore:
 
     def _give_back(self, taken: asyncio.Future[tuple[list[StoredTask], bool]], group: str, now: int) -> None:
         """Undo the lease a cancelled waiter's take committed: the tasks are visible again at its ``now``."""
-        if taken.cancelled() or taken.exception() is not None or not taken.result()[0]:
-            return
+        if self._closing or taken.cancelled() or taken.exception() is not None or not taken.result()[0]:
+            return  # (when the server stops, a lease left behind expires as any other would)
         ids = [task.id for task in taken.result()[0]]
         now_s, now_ns = split_ns(now)
 
