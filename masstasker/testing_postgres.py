@@ -6,7 +6,7 @@ and never competes for a TCP port. ``fsync`` and ``synchronous_commit`` stay on 
 unless the caller overrides them: benchmarks must measure real commits.
 
 PostgreSQL refuses to run as root. When this process is root (CI), the cluster runs as an unprivileged
-system user (``postgres`` if it exists, else ``nobody``) through ``runuser``, and the directory is
+system user (``postgres`` if it exists, else ``nobody``) through ``setpriv``, and the directory is
 handed to that user. Connecting back over the socket needs no password: the
 cluster trusts local connections, which only reach it through its private directory.
 
