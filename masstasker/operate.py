@@ -46,9 +46,6 @@ STATES: dict[str, admin_pb.TaskState.ValueType] = {
 }
 _STATE_NAMES: dict[int, str] = {int(value): name for name, value in STATES.items()}
 
-# Field 7 of Task (issue 13) may or may not be in the bindings this process has.
-_HAS_ATTEMPTS = "attempts" in pb.Task.DESCRIPTOR.fields_by_name
-
 
 def parse_state(name: str) -> admin_pb.TaskState.ValueType:
     """The admin API's ``TaskState`` for ``visible``/``leased``/``scheduled``/``error``/``all``."""
@@ -114,7 +111,7 @@ def task_view(task: pb.Task, state: int | None = None) -> dict[str, Any]:
         "not_before": _time(task.not_before),
         "labels": dict(sorted(task.labels.items())),
         "error": task.error,
-        "attempts": getattr(task, "attempts", None) if _HAS_ATTEMPTS else None,
+        "attempts": task.attempts,
         "data": decode_payload(task.data) if task.HasField("data") else None,
     }
     return view
@@ -152,8 +149,8 @@ def group_view(stats: admin_pb.GroupStats) -> dict[str, Any]:
 
 
 class Retry(Op):
-    """Move failed tasks back to ``group``, visible now, with ``error`` cleared (and ``attempts`` reset where
-    the wire has it): for each task, delete it by its ID and create the cleaned copy, in the one atomic
+    """Move failed tasks back to ``group``, visible now, with ``error`` cleared and ``attempts``
+    reset to 0: for each task, delete it by its ID and create the cleaned copy, in the one atomic
     Update of ``do()``. A task someone changed meanwhile makes the whole batch fail with ``TaskNotFound``.
     """
 
@@ -165,9 +162,7 @@ class Retry(Op):
 
     def add_to(self, plan: UpdatePlan) -> None:
         """Delete each task and create its copy in ``group`` with a clean slate."""
-        reset: dict[str, object] = {"group": self.group, "error": None, "not_before": plan.now}
-        if _HAS_ATTEMPTS:
-            reset["attempts"] = None
+        reset: dict[str, object] = {"group": self.group, "error": None, "not_before": plan.now, "attempts": None}
         for task in self.tasks:
             plan.delete(task)
             plan.create(task, **reset)

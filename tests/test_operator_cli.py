@@ -26,7 +26,6 @@ from masstasker.testing import run_server
 pytest.importorskip("click")
 pytest.importorskip("rich")
 
-HAS_ATTEMPTS = "attempts" in pb.Task.DESCRIPTOR.fields_by_name
 TEST_TYPE = "type.googleapis.com/masstasker.Test"
 # Each command is a fresh Python process: generous on a loaded machine.
 pytestmark = pytest.mark.timeout(240)
@@ -227,8 +226,7 @@ def test_retry_moves_failed_tasks_back_with_error_cleared(server: BackgroundServ
     failed = [new_task("failed", pb.Test(foo=str(i)), labels={"n": str(i)}) for i in range(5)]
     for task in failed:
         task.error = "worker crashed"
-        if HAS_ATTEMPTS:
-            task.attempts = 3  # type: ignore[attr-defined]
+        task.attempts = 3
     client.create(*failed)
     client.create(new_task("failed", pb.Test(foo="keep"), labels={"n": "keep"}))
 
@@ -237,8 +235,7 @@ def test_retry_moves_failed_tasks_back_with_error_cleared(server: BackgroundServ
     back = ok_json(server.target, "ls", "main", "--limit", "0")
     assert sorted(t["labels"]["n"] for t in back) == ["0", "1", "2", "3"]
     assert all(t["error"] == "" and t["state"] == "visible" for t in back)
-    if HAS_ATTEMPTS:
-        assert all(t["attempts"] == 0 for t in back)
+    assert all(t["attempts"] == 0 for t in back)
     left = ok_json(server.target, "ls", "failed", "--limit", "0")
     assert sorted(t["labels"]["n"] for t in left) == ["4", "keep"]
 

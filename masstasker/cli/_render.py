@@ -90,18 +90,22 @@ def _payload_type(task: dict[str, Any]) -> str:
     return str(data["type_url"]).rpartition("/")[2] if data else ""
 
 
-def task_table(tasks: Iterable[dict[str, Any]], *, attempts: bool) -> Table:
+def task_table(tasks: Iterable[dict[str, Any]]) -> Table:
     """The ``ls`` table: tasks in queue order."""
     table = Table(box=None, header_style="bold")
-    columns = ["ID", "STATE", "NOT BEFORE", *(["ATTEMPTS"] if attempts else []), "TYPE", "LABELS", "ERROR"]
+    columns = ["ID", "STATE", "NOT BEFORE", "ATTEMPTS", "TYPE", "LABELS", "ERROR"]
     for name in columns:
         table.add_column(name, overflow="fold" if name in ("LABELS", "ERROR") else "ellipsis")
     for task in tasks:
-        row: list[Any] = [str(task["id"]), task["state"] or "", task["not_before"]]
-        if attempts:
-            row.append(str(task["attempts"]))
-        row += [Text(_payload_type(task)), _labels(task["labels"]), Text(task["error"], style="red")]
-        table.add_row(*row)
+        table.add_row(
+            str(task["id"]),
+            task["state"] or "",
+            task["not_before"],
+            str(task["attempts"]),
+            Text(_payload_type(task)),
+            _labels(task["labels"]),
+            Text(task["error"], style="red"),
+        )
     return table
 
 
@@ -114,8 +118,7 @@ def task_detail(task: dict[str, Any]) -> Table:
     table.add_row("group", Text(task["group"] or '""'))
     table.add_row("state", task["state"] or "")
     table.add_row("not_before", task["not_before"])
-    if task["attempts"] is not None:
-        table.add_row("attempts", str(task["attempts"]))
+    table.add_row("attempts", str(task["attempts"]))
     table.add_row("labels", _labels(task["labels"]))
     table.add_row("error", Text(task["error"], style="red"))
     data = task["data"]

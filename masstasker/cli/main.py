@@ -41,7 +41,6 @@ __all__ = ["cli", "main"]
 DEFAULT_TARGET = "127.0.0.1:50053"
 #: Tasks per Update when ``put`` or ``retry`` handles many: each batch is one atomic step.
 BATCH = 500
-_HAS_ATTEMPTS = "attempts" in pb.Task.DESCRIPTOR.fields_by_name
 
 
 class _State:
@@ -177,7 +176,7 @@ def ls(state: _State, group: str, labels: dict[str, str], task_state: str, limit
     if as_json:
         render.print_json(state.out, views)
     else:
-        state.out.print(render.task_table(views, attempts=_HAS_ATTEMPTS))
+        state.out.print(render.task_table(views))
     return EXIT_OK
 
 
