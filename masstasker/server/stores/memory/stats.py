@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING
 
 from sortedcontainers import SortedList
 
+from masstasker.server.body import error_of
 from masstasker.server.counters import CounterHistory
 
 if TYPE_CHECKING:
@@ -55,7 +56,6 @@ _ID_BITS = 64
 #: A group without tasks whose counters have not moved for this long is forgotten.
 FORGET_IDLE_SECONDS = 24 * 3600
 _FORGET_EVERY_SECONDS = 60
-_ERROR_TAG = 0x32  # field 6 (Task.error), wire type 2 (length-delimited)
 _group_of = attrgetter("group")
 _key_of = attrgetter("key")
 
@@ -86,41 +86,10 @@ class GroupRecord:
 def body_has_error(body: bytes) -> bool:
     """Whether a stored body (a serialized Task without id, group, not_before) has a non-empty ``error``.
 
-    Walks the top-level fields without parsing the payload; used where the
-    converter's flag is not at hand (recovery, the invariant check).
+    Used where the converter's flag is not at hand (recovery, the invariant check).
     """
-    if b"2" not in body:  # 0x32 is the tag byte of a present error: rule most tasks out in C
-        return False
-    pos, end, found = 0, len(body), False
-    while pos < end:
-        tag, pos = _varint(body, pos)
-        wire = tag & 7
-        if wire == 2:
-            length, pos = _varint(body, pos)
-            if tag == _ERROR_TAG:
-                found = length > 0  # proto3: the last occurrence wins
-            pos += length
-        elif wire == 0:
-            _, pos = _varint(body, pos)
-        elif wire == 1:
-            pos += 8
-        elif wire == 5:
-            pos += 4
-        else:  # groups: never in a Task body
-            break
-    return found
-
-
-def _varint(data: bytes, pos: int) -> tuple[int, int]:
-    result = shift = 0
-    while pos < len(data):
-        byte = data[pos]
-        pos += 1
-        result |= (byte & 0x7F) << shift
-        if byte < 0x80:
-            break
-        shift += 7
-    return result, pos
+    # 0x32 is the tag byte of a present error: rule most tasks out in C before walking the fields.
+    return b"2" in body and error_of(body) != ""
 
 
 class StoreStatistics:
