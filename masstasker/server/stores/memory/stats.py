@@ -32,7 +32,7 @@ delete adds a dictionary update.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Container, Iterable
 from operator import attrgetter
 from typing import TYPE_CHECKING
 
@@ -115,6 +115,12 @@ class StoreStatistics:
             record = self.groups[group] = GroupRecord()
         return record
 
+    def error_keys(self, group: str) -> Container[int]:
+        """The index keys of the group's tasks with an error (read only); ``in`` is O(log e)."""
+        record = self.groups.get(group)
+        errors = record.errors if record is not None else None
+        return errors if errors else ()
+
     def is_error(self, group: str, key: int) -> bool:
         """Whether the task with this index key is in the group's error index. O(log e)."""
         record = self.groups.get(group)
@@ -162,11 +168,17 @@ class StoreStatistics:
         for task in removed:
             record = groups[task.group]
             leased, errors, key = record.leased, record.errors, task.key
-            if leased and key in leased:
-                leased.remove(key)
-                if was_leased is None:
-                    was_leased = set()
-                was_leased.add(key)
+            if leased:
+                # One search, not two (`in` then remove): a worker's completion deletes leased tasks, and
+                # this runs once per task of a batch (the batch-lease benchmark).
+                try:
+                    leased.remove(key)
+                except ValueError:
+                    pass
+                else:
+                    if was_leased is None:
+                        was_leased = set()
+                    was_leased.add(key)
             if errors:
                 errors.discard(key)
         return was_leased

@@ -347,9 +347,10 @@ class Store:
             until = now + own_for
             doomed = [k & _ID_MASK for k in keys]
             once_more = owned_once_more
-            is_error = self.stats.is_error
+            # The group's error index, looked up once per Query rather than once per owned task.
+            errors = self.stats.error_keys(group)
             specs = [
-                TaskSpec(group, until, once_more(tasks[i].body), tasks[i].labels, is_error(group, k))
+                TaskSpec(group, until, once_more(tasks[i].body), tasks[i].labels, k in errors)
                 for i, k in zip(doomed, keys, strict=True)
             ]
             new_ids = self._commit(doomed, specs, OWN)
