@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import threading
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
 import pytest
+from clocks import HandClock
 from google.protobuf.duration_pb2 import Duration
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from pki import Pki, make_pki
@@ -23,22 +23,6 @@ TIMEOUT = 10.0
 S = 1_000_000_000
 
 
-class Clock:
-    """A server clock the test moves (read from the server's thread)."""
-
-    def __init__(self, now: int) -> None:
-        self.now = now
-        self._lock = threading.Lock()
-
-    def __call__(self) -> int:
-        with self._lock:
-            return self.now
-
-    def advance(self, ns: int) -> None:
-        with self._lock:
-            self.now += ns
-
-
 def code_of(call: Callable[[], object]) -> tuple[grpc.StatusCode, str]:
     try:
         call()
@@ -48,12 +32,12 @@ def code_of(call: Callable[[], object]) -> tuple[grpc.StatusCode, str]:
 
 
 @pytest.fixture
-def clock() -> Clock:
-    return Clock(1_800_000_000 * S)
+def clock() -> HandClock:
+    return HandClock(1_800_000_000 * S)
 
 
 @pytest.fixture
-def clocked(clock: Clock) -> Iterator[BackgroundServer]:
+def clocked(clock: HandClock) -> Iterator[BackgroundServer]:
     with BackgroundServer(Settings(port=0, listen_http="127.0.0.1:0"), clock=clock) as server:
         yield server
 
@@ -64,7 +48,7 @@ def stubs(clocked: BackgroundServer) -> Iterator[tuple[pb_grpc.MassTaskerStub, a
         yield pb_grpc.MassTaskerStub(channel), apb_grpc.AdminStub(channel)
 
 
-def own(mt: pb_grpc.MassTaskerStub, clock: Clock, group: str, seconds: int, max_tasks: int = 1) -> list[pb.Task]:
+def own(mt: pb_grpc.MassTaskerStub, clock: HandClock, group: str, seconds: int, max_tasks: int = 1) -> list[pb.Task]:
     """An owning Query at the fake clock's now (the servicer's own clock is the real one)."""
     request = pb.QueryRequest(group=group, own_for={"seconds": seconds}, max_tasks=max_tasks)
     request.now.FromNanoseconds(clock())
@@ -77,7 +61,7 @@ def ids(tasks: object) -> list[int]:
 
 
 def test_statistics_and_listings_of_a_job_in_progress(
-    clocked: BackgroundServer, stubs: tuple[pb_grpc.MassTaskerStub, apb_grpc.AdminStub], clock: Clock
+    clocked: BackgroundServer, stubs: tuple[pb_grpc.MassTaskerStub, apb_grpc.AdminStub], clock: HandClock
 ) -> None:
     mt, admin = stubs
     created = mt.Update(
@@ -143,7 +127,7 @@ def test_statistics_and_listings_of_a_job_in_progress(
 
 
 def test_eta_through_the_api_follows_a_steady_drain(
-    stubs: tuple[pb_grpc.MassTaskerStub, apb_grpc.AdminStub], clock: Clock
+    stubs: tuple[pb_grpc.MassTaskerStub, apb_grpc.AdminStub], clock: HandClock
 ) -> None:
     mt, admin = stubs
     mt.Update(pb.UpdateRequest(created=[pb.Task(group="g") for _ in range(400)]), timeout=TIMEOUT)
@@ -203,7 +187,7 @@ def test_reflection_lists_and_describes_the_admin_service(clocked: BackgroundSer
 
 
 def test_metrics_export_the_statistics(
-    clocked: BackgroundServer, stubs: tuple[pb_grpc.MassTaskerStub, apb_grpc.AdminStub], clock: Clock
+    clocked: BackgroundServer, stubs: tuple[pb_grpc.MassTaskerStub, apb_grpc.AdminStub], clock: HandClock
 ) -> None:
     clocked_clock = clock
     mt, _ = stubs
@@ -284,7 +268,7 @@ def test_a_postgresql_store_answers_unimplemented_and_keeps_its_size_metrics(
 
 
 def test_the_grafana_dashboard_uses_only_metrics_the_server_exports(
-    clocked: BackgroundServer, stubs: tuple[pb_grpc.MassTaskerStub, apb_grpc.AdminStub], clock: Clock
+    clocked: BackgroundServer, stubs: tuple[pb_grpc.MassTaskerStub, apb_grpc.AdminStub], clock: HandClock
 ) -> None:
     import json
     import re

@@ -5,13 +5,13 @@ from __future__ import annotations
 import random
 import signal
 import struct
-import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
+from clocks import HandClock
 from google.protobuf.duration_pb2 import Duration
 
 from masstasker._pb import masstasker_admin_pb2 as apb
@@ -29,27 +29,13 @@ S = 1_000_000_000
 TIMEOUT = 10.0
 
 
-class Clock:
-    def __init__(self, now: int) -> None:
-        self.now = now
-        self._lock = threading.Lock()
-
-    def __call__(self) -> int:
-        with self._lock:
-            return self.now
-
-    def advance(self, ns: int) -> None:
-        with self._lock:
-            self.now += ns
+@pytest.fixture
+def clock() -> HandClock:
+    return HandClock(1_800_000_000 * S + S // 3)
 
 
 @pytest.fixture
-def clock() -> Clock:
-    return Clock(1_800_000_000 * S + S // 3)
-
-
-@pytest.fixture
-def durable(tmp_path: Path, clock: Clock) -> Iterator[Callable[..., BackgroundServer]]:
+def durable(tmp_path: Path, clock: HandClock) -> Iterator[Callable[..., BackgroundServer]]:
     """Factory: a server on ``tmp_path/data`` with the test's clock; stop one before starting the next."""
     started: list[BackgroundServer] = []
 
@@ -64,14 +50,14 @@ def durable(tmp_path: Path, clock: Clock) -> Iterator[Callable[..., BackgroundSe
         server.stop(grace=0)
 
 
-def own(mt: pb_grpc.MassTaskerStub, clock: Clock, group: str, seconds: int, max_tasks: int = 1) -> list[pb.Task]:
+def own(mt: pb_grpc.MassTaskerStub, clock: HandClock, group: str, seconds: int, max_tasks: int = 1) -> list[pb.Task]:
     request = pb.QueryRequest(group=group, own_for={"seconds": seconds}, max_tasks=max_tasks)
     request.now.FromNanoseconds(clock())
     response = mt.Query(request, timeout=TIMEOUT)
     return list(response.tasks) or [response.task]
 
 
-def workload(mt: pb_grpc.MassTaskerStub, clock: Clock) -> None:
+def workload(mt: pb_grpc.MassTaskerStub, clock: HandClock) -> None:
     """Several seconds of a job: creates, leases, renewals, completions, failures, a BulkSet move."""
     rng = random.Random(3)
     mt.Update(pb.UpdateRequest(created=[pb.Task(group="work", labels={"n": str(i)}) for i in range(40)]))
@@ -109,7 +95,7 @@ def observe(server: BackgroundServer) -> dict[str, Any]:
 
 @pytest.mark.parametrize("snapshots", [False, True], ids=["log-only", "snapshots"])
 def test_statistics_survive_a_restart(
-    durable: Callable[..., BackgroundServer], tmp_path: Path, clock: Clock, snapshots: bool
+    durable: Callable[..., BackgroundServer], tmp_path: Path, clock: HandClock, snapshots: bool
 ) -> None:
     options = {"snapshot_min_log_bytes": 1 if snapshots else 1 << 30}
     first = durable(**options)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from clocks import HandClock
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
@@ -27,23 +28,13 @@ from masstasker.server.stores.memory.store import (
 NOW = 1_000_000
 
 
-class Clock:
-    """A clock the test moves by hand."""
-
-    def __init__(self, now: int = NOW) -> None:
-        self.now = now
-
-    def __call__(self) -> int:
-        return self.now
-
-
 def snapshot(store: Store) -> list[tuple[int, str, int, bytes, object]]:
     return [(t.id, t.group, t.not_before, t.body, t.labels) for t in store.all_tasks()] + [("next", store.next_id)]  # type: ignore[list-item]
 
 
 @pytest.fixture
 def store() -> Store:
-    return Store(Clock())
+    return Store(HandClock(NOW))
 
 
 def spec(group: str = "g", not_before: int | None = None, body: bytes = b"", **labels: str) -> TaskSpec:
@@ -291,7 +282,7 @@ class Model:
 class StoreAgainstModel(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
-        self.clock = Clock()
+        self.clock = HandClock(NOW)
         self.store = Store(self.clock)
         self.model = Model()
 

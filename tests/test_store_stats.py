@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 
 import pytest
+from clocks import HandClock
 from google.protobuf import any_pb2
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -32,16 +33,6 @@ NOW = 1_700_000_000 * S
 
 GROUPS = ["", "a", "b"]
 LABELS = [None, (("k", "1"),), (("k", "2"),), (("k", "1"), ("l", "2"))]
-
-
-class Clock:
-    """A clock the test moves by hand."""
-
-    def __init__(self, now: int = NOW) -> None:
-        self.now = now
-
-    def __call__(self) -> int:
-        return self.now
 
 
 def body(error: str = "", payload: bytes = b"", labels: tuple[tuple[str, str], ...] | None = None) -> bytes:
@@ -155,7 +146,7 @@ class Model:
 class StatsAgainstModel(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
-        self.clock = Clock()
+        self.clock = HandClock(NOW)
         self.store = Store(self.clock)
         self.view = MemoryAdminView(self.store)
         self.model = Model()
@@ -348,12 +339,12 @@ def test_body_has_error_agrees_with_protobuf(
 
 
 @pytest.fixture
-def clock() -> Clock:
-    return Clock()
+def clock() -> HandClock:
+    return HandClock(NOW)
 
 
 @pytest.fixture
-def store(clock: Clock) -> Store:
+def store(clock: HandClock) -> Store:
     return Store(clock)
 
 
@@ -362,7 +353,7 @@ def counters(store: Store, group: str) -> tuple[int, int, int]:
     return record.created, record.owned, record.departed
 
 
-def test_a_lease_cycle_counts_one_creation_one_owning_one_departure(store: Store, clock: Clock) -> None:
+def test_a_lease_cycle_counts_one_creation_one_owning_one_departure(store: Store, clock: HandClock) -> None:
     store.update([TaskSpec("g", None)])
     [leased] = store.query("g", clock.now, own_for=60 * S)
     view = MemoryAdminView(store)
@@ -377,7 +368,7 @@ def test_a_lease_cycle_counts_one_creation_one_owning_one_departure(store: Store
 
 
 def test_moving_counts_a_departure_and_a_creation_and_a_disown_makes_the_task_visible(
-    store: Store, clock: Clock
+    store: Store, clock: HandClock
 ) -> None:
     store.update([TaskSpec("g", None), TaskSpec("g", None)])
     [a, _] = store.query("g", clock.now, own_for=60 * S, max_tasks=2)
@@ -397,7 +388,7 @@ def test_moving_counts_a_departure_and_a_creation_and_a_disown_makes_the_task_vi
     store._check()
 
 
-def test_bulk_set_keeps_a_lease_only_when_it_keeps_group_and_not_before(store: Store, clock: Clock) -> None:
+def test_bulk_set_keeps_a_lease_only_when_it_keeps_group_and_not_before(store: Store, clock: HandClock) -> None:
     store.update([TaskSpec("g", None) for _ in range(3)])
     a, b, c = store.query("g", clock.now, own_for=60 * S, max_tasks=3)
     view = MemoryAdminView(store)
@@ -414,7 +405,7 @@ def test_bulk_set_keeps_a_lease_only_when_it_keeps_group_and_not_before(store: S
     store._check()
 
 
-def test_an_expired_lease_counts_as_visible_not_leased(store: Store, clock: Clock) -> None:
+def test_an_expired_lease_counts_as_visible_not_leased(store: Store, clock: HandClock) -> None:
     store.update([TaskSpec("g", None)])
     store.query("g", clock.now, own_for=5 * S)
     view = MemoryAdminView(store)
@@ -426,7 +417,7 @@ def test_an_expired_lease_counts_as_visible_not_leased(store: Store, clock: Cloc
     assert view.stats("g", clock.now).oldest_visible_age == 2 * S
 
 
-def test_history_has_one_point_per_second_and_coarser_points_beyond(store: Store, clock: Clock) -> None:
+def test_history_has_one_point_per_second_and_coarser_points_beyond(store: Store, clock: HandClock) -> None:
     view = MemoryAdminView(store)
     clock.now = (clock.now // (60 * S) + 1) * 60 * S  # on a minute boundary
     start = clock.now
@@ -447,7 +438,7 @@ def test_history_has_one_point_per_second_and_coarser_points_beyond(store: Store
     assert [p.created for p in minutes] == [sum(s % 3 for s in range(n)) for n in (60, 120, 130)]
 
 
-def test_empty_groups_are_forgotten_after_a_day_idle(store: Store, clock: Clock) -> None:
+def test_empty_groups_are_forgotten_after_a_day_idle(store: Store, clock: HandClock) -> None:
     view = MemoryAdminView(store)
     [task_id] = store.update([TaskSpec("gone", None)])
     store.update([], [IdRef(task_id)])
@@ -463,7 +454,7 @@ def test_empty_groups_are_forgotten_after_a_day_idle(store: Store, clock: Clock)
 
 @pytest.mark.parametrize(("size", "rate", "offset"), [(10_000, 100.0, 0.0), (6_000, 37.0, 0.43), (2_000, 2.5, 0.9)])
 def test_eta_is_within_15_percent_once_a_tenth_has_departed_at_a_steady_rate(
-    store: Store, clock: Clock, size: int, rate: float, offset: float
+    store: Store, clock: HandClock, size: int, rate: float, offset: float
 ) -> None:
     """A simulated drain on a fake clock: workers lease and delete at a steady rate after an idle hour."""
     view = MemoryAdminView(store)
@@ -489,7 +480,7 @@ def test_eta_is_within_15_percent_once_a_tenth_has_departed_at_a_steady_rate(
     assert clock.now - start > 0
 
 
-def test_eta_is_zero_for_an_empty_group_and_unknown_without_departures(store: Store, clock: Clock) -> None:
+def test_eta_is_zero_for_an_empty_group_and_unknown_without_departures(store: Store, clock: HandClock) -> None:
     view = MemoryAdminView(store)
     assert view.stats("nothing", clock.now).eta == 0
     store.update([TaskSpec("g", None)])

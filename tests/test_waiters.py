@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 import pytest
+from clocks import HandClock
 
 from masstasker.server.body import error_of
 from masstasker.server.stores.memory.store import NANOS_PER_SECOND, Store, StoredTask, TaskSpec
@@ -23,21 +24,11 @@ HOUR = 3600 * NANOS_PER_SECOND
 STEP = 5.0  # seconds any single await here may take, on a loaded machine
 
 
-class Clock:
-    """A clock the test moves by hand."""
-
-    def __init__(self, now: int = NOW) -> None:
-        self.now = now
-
-    def __call__(self) -> int:
-        return self.now
-
-
 class Bench:
     """A store, its waiters and the clock they share."""
 
     def __init__(self) -> None:
-        self.clock = Clock()
+        self.clock = HandClock(NOW)
         self.store = Store(self.clock)
         self.waiters = Waiters(self.store, self.clock)
         self.taken: list[str] = []  # which waiter took what, in order
