@@ -26,7 +26,16 @@ from typing import Any
 from benchmarks.loadgen import percentile
 from benchmarks.procs import ServerProcess
 from benchmarks.report import Target
-from benchmarks.scenarios import _DISPATCH_SLACK, _SETUP_TIMEOUT, Context, Row, Sample, _group_size, fill
+from benchmarks.scenarios import (
+    _DISPATCH_SLACK,
+    _SETUP_TIMEOUT,
+    Context,
+    Row,
+    Sample,
+    _group_size,
+    create_one_by_one,
+    fill,
+)
 from masstasker.testing_postgres import PostgresCluster, fresh_schema_name, quote_ident
 
 __all__ = ["PG_SCENARIOS", "PgContext", "check_pg_targets", "start_cluster"]
@@ -364,19 +373,7 @@ def wake_across(ctx: PgContext) -> list[Row]:
         try:
             _wait_for_waiting(a, waiting)
             began = time.time()
-            creator = pool.submit(
-                [
-                    {
-                        "workload": "creator",
-                        "target": b.target,
-                        "group": "wait",
-                        "count": sizes.wake_creates,
-                        "t_end": time.time() + _SETUP_TIMEOUT,
-                    }
-                ],
-                first=pool.size - 1,
-            )
-            (created,) = pool.collect(creator, time.time() + _SETUP_TIMEOUT)
+            created = create_one_by_one(pool, b.target, "wait", sizes.wake_creates)
             ended = time.time()
             time.sleep(0.5)  # the last wake-ups are on their way
         finally:

@@ -297,6 +297,19 @@ def _group_size(target: str, group: str) -> int:
         return int(pb.DebugResponse.FromString(answer).num_tasks)
 
 
+def create_one_by_one(pool: Pool, target: str, group: str, count: int) -> Any:
+    """``count`` single-task Updates into ``group``, from the pool's last process; what the creator reports."""
+    job = {
+        "workload": "creator",
+        "target": target,
+        "group": group,
+        "count": count,
+        "t_end": time.time() + _SETUP_TIMEOUT,
+    }
+    (created,) = pool.collect(pool.submit([job], first=pool.size - 1), time.time() + _SETUP_TIMEOUT)
+    return created
+
+
 def fill(target: str, group: str, count: int) -> float:
     """Create ``count`` tasks in ``group`` in batches of 1,000; returns the seconds it took."""
     began = time.perf_counter()
@@ -488,19 +501,7 @@ def waiters(ctx: Context) -> list[Row]:
             rss_waiting, threads_waiting = server.rss_bytes(), server.threads()
             side = ctx.measure(server, "lease", 16, profile="waiters-side", first=holders, group="side")
             rss_peak = max(rss_waiting, server.rss_bytes())
-            creator = pool.submit(
-                [
-                    {
-                        "workload": "creator",
-                        "target": server.target,
-                        "group": "wait",
-                        "count": sizes.wake_creates,
-                        "t_end": time.time() + _SETUP_TIMEOUT,
-                    }
-                ],
-                first=pool.size - 1,
-            )
-            (created,) = pool.collect(creator, time.time() + _SETUP_TIMEOUT)
+            created = create_one_by_one(pool, server.target, "wait", sizes.wake_creates)
             time.sleep(0.5)  # the last wake-ups are on their way
             rss_peak = max(rss_peak, server.rss_bytes())
             still_waiting = _waiting(server.metrics_url)
