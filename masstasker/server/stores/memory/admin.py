@@ -10,7 +10,7 @@ O(log n + page + scan bound) even over a million tasks.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Container, Iterator
 
 from sortedcontainers import SortedList
 
@@ -89,7 +89,7 @@ class MemoryAdminView:
             now=now,
             total=total,
             visible=visible,
-            leased=len(leased) - int(leased.bisect_left(limit)) if leased else 0,
+            leased=leased.after(limit) if leased else 0,
             errors=len(record.errors) if record.errors else 0,
             oldest_visible_age=now - (index[0] >> _ID_BITS) if index and visible else None,
             created=record.created,
@@ -136,17 +136,18 @@ class MemoryAdminView:
         if not index:
             return TaskPage((), "")
         limit = key_of(now + 1, 0)
-        leased: SortedList = record.leased or SortedList()
+        leased: Container[int] = record.leased or ()
         low = -1 if after is None else after  # keys strictly above this
         high: int | None = None  # keys strictly below this
         source: SortedList = index
-        skip_leased = False
+        # Past `limit` the group index holds leased and scheduled tasks; the lease index says which.
+        want_leased: bool | None = None
         if state is TaskState.VISIBLE:
             high = limit
         elif state is TaskState.LEASED:
-            source, low = leased, max(low, limit - 1)
+            low, want_leased = max(low, limit - 1), True
         elif state is TaskState.SCHEDULED:
-            low, skip_leased = max(low, limit - 1), True
+            low, want_leased = max(low, limit - 1), False
         elif state is TaskState.ERROR:
             source = record.errors or SortedList()
         candidates = self._candidates(source, group, low, high, labels)
@@ -158,7 +159,7 @@ class MemoryAdminView:
             scanned += 1
             if scanned > MAX_SCAN_PER_PAGE:
                 return TaskPage(found, page_token_for(last))
-            if skip_leased and key in leased:
+            if want_leased is not None and (key in leased) is not want_leased:
                 last = key
                 continue
             task = tasks(key & ((1 << _ID_BITS) - 1))
@@ -215,7 +216,7 @@ class MemoryAdminView:
         task = self._store.get(task_id)
         if task is None:
             raise NotFound(f"task {task_id} does not exist")
-        leased = self._store.stats.groups[task.group].leased or SortedList()
+        leased = self._store.stats.groups[task.group].leased or ()
         return task, _state(task.key, key_of(now + 1, 0), leased)
 
 
@@ -229,7 +230,7 @@ def _has_labels(task: StoredTask, labels: tuple[tuple[str, str], ...]) -> bool:
     return own is not None and all(pair in own for pair in labels)
 
 
-def _state(key: int, limit: int, leased: SortedList) -> TaskState:
+def _state(key: int, limit: int, leased: Container[int]) -> TaskState:
     if key < limit:
         return TaskState.VISIBLE
     return TaskState.LEASED if key in leased else TaskState.SCHEDULED

@@ -14,9 +14,11 @@ here runs on the request path. Per group (:class:`GroupRecord`) it keeps:
   always holds, with ``base`` only moved by recovery.
 - ``leased``: the index keys of tasks an owning Query re-created, or that a
   rewrite carried a lease over to (a renewal: an Update whose copy is still
-  in the future, or a BulkSet that keeps ``not_before``). Keys at or before
-  now are expired leases (those tasks are visible); only keys after now
-  count. Memory only for tasks that have been leased.
+  in the future, or a BulkSet that keeps ``not_before``), in a
+  :class:`~masstasker.server.stores.memory.leases.LeaseIndex` (a set, and a
+  heap that counts the keys after a time). Keys at or before now are
+  expired leases (those tasks are visible); only keys after now count.
+  Memory only for tasks that have been leased.
 - ``errors``: the keys of tasks with a non-empty ``error``; memory only for them.
 - the counter history and smoothed rates (:mod:`counters`). Changes are
   attributed to the second (on the store's clock) in which they were
@@ -24,9 +26,11 @@ here runs on the request path. Per group (:class:`GroupRecord`) it keeps:
   one into every group's history, so no timer is needed and a fake clock
   drives it exactly.
 
-Cost per commit: O(1) per group touched plus O(log n) per removed or
-created task that is (or becomes) leased or in error; a plain create or
-delete adds a dictionary update.
+Cost per commit: O(1) per group touched plus O(1) per removed or created
+task that is (or becomes) leased, O(log n) per one in error; a plain create
+or delete adds a dictionary update per group. The three commonest commits (a
+lease, a completion, a create) have paths of their own in
+:meth:`StoreStatistics.committed` that skip what cannot apply to them.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from sortedcontainers import SortedList
 
 from masstasker.server.body import error_of
 from masstasker.server.counters import CounterHistory
+from masstasker.server.stores.memory.leases import LeaseIndex
 
 if TYPE_CHECKING:
     from masstasker.server.stores.memory.store import StoredTask as _Task
@@ -70,7 +75,7 @@ class GroupRecord:
         self.created = 0
         self.owned = 0
         self.departed = 0
-        self.leased: SortedList | None = None
+        self.leased: LeaseIndex | None = None
         self.errors: SortedList | None = None
         self.history = CounterHistory()
 
@@ -128,32 +133,77 @@ class StoreStatistics:
         return bool(errors) and key in errors  # type: ignore[operator]
 
     def is_leased(self, group: str, key: int) -> bool:
-        """Whether the task with this key carries a lease (expired or not). O(log l)."""
+        """Whether the task with this key carries a lease (expired or not). O(1)."""
         record = self.groups.get(group)
         leased = record.leased if record is not None else None
         return bool(leased) and key in leased  # type: ignore[operator]
 
     # -- the request path ------------------------------------------------------
 
-    def committed(self, kind: int, removed: list[_Task], created: list[_Task], errored: list[_Task]) -> None:
-        """Account for one committed change (``created[i]`` replaces ``removed[i]`` for OWN)."""
+    def committed(
+        self,
+        kind: int,
+        removed: list[_Task],
+        created: list[_Task],
+        errored: list[_Task],
+        created_by_group: dict[str, int] | None = None,
+    ) -> None:
+        """Account for one committed change (``created[i]`` replaces ``removed[i]`` for OWN).
+
+        ``created_by_group``, when the caller has it, is how many of ``created`` went into each
+        group (the store counts them while inserting, so a create of many tasks is not walked again).
+        The three commonest commits (a lease, a completion, a create) take a path of their own;
+        they count exactly as the general one does (the model test in ``tests/test_store_stats.py``).
+        """
         now = self.last_time = self._clock()
         self.last_kind = kind
         if now // _NANOS > self._open:
             self._close_open_second(now)
         groups = self.groups
-        was_leased = self._unindex(removed) if removed else None
-        if kind == OWN:
-            owned, parked_from, parked = _split_own(removed, created)
-            if owned:
-                groups[owned[0].group].owned += len(owned)
-                self._add_leased(owned)
-            if parked:  # poison tasks moved to a dead-letter group: departed from one, created in the other
-                self._count(UPDATE, parked_from, parked, None, now)
+        if kind == OWN and removed and not errored:
+            # A lease: the head of one group replaced by copies in it. A parked poison task always
+            # has an error, so without one nothing was parked; the removed tasks had no error either
+            # (a copy keeps its original's), so only the lease index is touched.
+            record = groups[removed[0].group]
+            leased = record.leased
+            if leased is None:
+                leased = record.leased = LeaseIndex()
+            elif leased:
+                for task in removed:  # an expired lease taken again
+                    leased.discard(task.key)
+            record.owned += len(created)
+            for task in created:
+                leased.add(task.key)
+            return
+        if not created:  # deletions only (a worker's completion): no rewrite, no lease carried over
+            for task in removed:
+                record = groups[task.group]
+                record.departed += 1
+                key = task.key
+                if record.leased:
+                    record.leased.discard(key)
+                if record.errors:
+                    record.errors.discard(key)
+            return
+        if not removed:  # creates only
+            if created_by_group is None:
+                created_by_group = Counter(map(_group_of, created))
+            record_of = self.record
+            for group, count in created_by_group.items():
+                record_of(group).created += count
         else:
-            carried = self._count(kind, removed, created, was_leased, now)
-            if carried:
-                self._add_leased(carried)
+            was_leased = self._unindex(removed)
+            if kind == OWN:
+                owned, parked_from, parked = _split_own(removed, created)
+                if owned:
+                    groups[owned[0].group].owned += len(owned)
+                    self._add_leased(owned)
+                if parked:  # poison tasks moved to a dead-letter group: departed from one, created in the other
+                    self._count(UPDATE, parked_from, parked, None, now)
+            else:
+                carried = self._count(kind, removed, created, was_leased, now)
+                if carried:
+                    self._add_leased(carried)
         if errored:
             for task in errored:
                 record = groups[task.group]
@@ -168,17 +218,10 @@ class StoreStatistics:
         for task in removed:
             record = groups[task.group]
             leased, errors, key = record.leased, record.errors, task.key
-            if leased:
-                # One search, not two (`in` then remove): a worker's completion deletes leased tasks, and
-                # this runs once per task of a batch (the batch-lease benchmark).
-                try:
-                    leased.remove(key)
-                except ValueError:
-                    pass
-                else:
-                    if was_leased is None:
-                        was_leased = set()
-                    was_leased.add(key)
+            if leased and leased.discard(key):
+                if was_leased is None:
+                    was_leased = set()
+                was_leased.add(key)
             if errors:
                 errors.discard(key)
         return was_leased
@@ -188,7 +231,7 @@ class StoreStatistics:
         for task in tasks:
             record = groups[task.group]
             if record.leased is None:
-                record.leased = SortedList()
+                record.leased = LeaseIndex()
             record.leased.add(task.key)
 
     def _count(

@@ -4,7 +4,7 @@ No I/O and no gRPC in here. The servicer turns requests into calls on
 :class:`Store`, and :class:`StoreError` subclasses into status codes.
 
 Layout (the way the Go original keeps it: one structure, private
-``_insert``/``_remove`` helpers that keep every index in sync, public
+``_commit`` (which inserts) and ``_remove`` helpers that keep every index in sync, public
 operations that check everything first and only then mutate):
 
 - ``_tasks``: ``id -> StoredTask``. IDs only grow and a task is never
@@ -14,7 +14,7 @@ operations that check everything first and only then mutate):
   orders exactly like ``(not_before, id)`` because ``0 <= id < 2**64``.
 - ``_labels``: ``(key, value) -> set of IDs``, for label selectors.
 - ``stats``: per-group counters, lease and error indices and history
-  (:mod:`store_stats`), told about every commit by ``_commit``.
+  (:mod:`~masstasker.server.stores.memory.stats`), told about every commit by ``_commit``.
 
 Times are integer nanoseconds since the Unix epoch throughout.
 """
@@ -481,39 +481,49 @@ class Store:
         """
         remove = self._remove
         removed = [remove(task_id) for task_id in doomed]
-        new_tasks = []
-        new_ids = []
+        new_tasks: list[StoredTask] = []
+        new_ids: list[int] = []
         errored: list[StoredTask] = []
+        by_group: dict[str, int] = {}
         if created:
-            insert = self._insert
+            tasks, groups, index_labels = self._tasks, self._groups, self._index_labels
             now: int | None = None
             task_id = self._next_id
+            # Consecutive tasks of one group (a create of many, an owning Query) share one index lookup
+            # and one count for the statistics. `is`: group names are interned, and an equal name that is
+            # another object only costs one more lookup.
+            run_group = ""
+            index: SortedList | None = None
+            run = 0
             for group, not_before, body, labels, error in created:
+                if index is None or group is not run_group:
+                    if run:
+                        by_group[run_group] = by_group.get(run_group, 0) + run
+                    index = groups.get(group)
+                    if index is None:
+                        index = groups[group] = SortedList()
+                    run_group, run = group, 0
                 if not_before is None:
                     if now is None:
                         now = self._clock()
                     not_before = now
                 task = StoredTask(task_id, group, not_before, body, labels)
-                insert(task_id, task)
+                tasks[task_id] = task
+                index.add(task.key)
+                if labels:
+                    index_labels(task_id, labels)
                 new_tasks.append(task)
                 new_ids.append(task_id)
                 if error:
                     errored.append(task)
                 task_id += 1
+                run += 1
+            by_group[run_group] = by_group.get(run_group, 0) + run
             self._next_id = task_id
-        self.stats.committed(kind, removed, new_tasks, errored)
+        self.stats.committed(kind, removed, new_tasks, errored, by_group)
         for listener in self.listeners:
             listener(doomed, new_tasks)
         return new_ids
-
-    def _insert(self, task_id: int, task: StoredTask) -> None:
-        self._tasks[task_id] = task
-        index = self._groups.get(task.group)
-        if index is None:
-            index = self._groups[task.group] = SortedList()
-        index.add(task.key)
-        if task.labels:
-            self._index_labels(task_id, task.labels)
 
     def _index_labels(self, task_id: int, labels: tuple[tuple[str, str], ...]) -> None:
         label_index = self._labels
