@@ -10,7 +10,7 @@ from masstasker.server.stores.memory import leases
 from masstasker.server.stores.memory.leases import LeaseIndex
 
 _OPS = st.lists(
-    st.tuples(st.sampled_from(["add", "discard", "after"]), st.integers(0, 40)),
+    st.tuples(st.sampled_from(["add", "discard", "after", "add_new", "discard_all"]), st.integers(0, 40)),
     max_size=200,
 )
 
@@ -30,6 +30,14 @@ def test_agrees_with_a_set(ops: list[tuple[str, int]], slack: int, monkeypatch: 
         elif op == "discard":
             assert index.discard(key) is (key in model)
             model.discard(key)
+        elif op == "add_new":  # a batch of keys, usually new, sometimes not (then one by one)
+            batch = [key, key + 3, key + 7]
+            index.add_new(batch)
+            model.update(batch)
+        elif op == "discard_all":
+            batch = [key, key + 1, key + 5]
+            index.discard_all(batch)
+            model.difference_update(batch)
         else:  # counts at times that mostly move forward, sometimes back (a clock that stepped back)
             assert index.after(key) == sum(1 for k in model if k >= key)
         index._check()

@@ -126,12 +126,40 @@ def body_of(task: pb.Task) -> bytes:
 
 
 def specs_from_pb(tasks: Sequence[pb.Task]) -> list[TaskSpec]:
-    """Every created task converted, in order; an error names the task's index."""
+    """Every created task converted as :func:`spec_from_pb` converts one, in order; an error names the task's index.
+
+    The steps of :func:`spec_from_pb` and :func:`body_of` are inlined (a create of 1,000 tasks runs
+    them 1,000 times, and two calls per task were a tenth of its conversion), and a step is skipped
+    where it cannot change anything: clearing an ``id`` of 0, interning the group name of the task
+    before again. ``tests/test_convert.py`` checks that both give the same specs.
+    """
     specs: list[TaskSpec] = []
     append = specs.append
+    encode = body.encode
+    new_spec = _new_spec
+    previous = ""  # the group name of the task before, interned
     try:
         for task in tasks:
-            append(spec_from_pb(task))
+            if task.HasField("not_before"):
+                not_before: int | None = timestamp_ns(task.not_before, "not_before")
+                task.ClearField("not_before")
+            else:
+                not_before = None
+            labels = task.labels
+            group = task.group
+            if group != previous:
+                previous = _intern(group)
+            if task.id:
+                task.ClearField("id")
+            task.ClearField("group")
+            error = task.error != ""
+            attempts = task.attempts
+            if attempts:
+                task.ClearField("attempts")
+                stored = encode(attempts, task.SerializeToString())
+            else:
+                stored = task.SerializeToString()
+            append(new_spec(TaskSpec, (previous, not_before, stored, labels_tuple(labels) if labels else None, error)))
     except BadRequest as exc:
         raise BadRequest(f"created[{len(specs)}].{exc}") from None
     return specs

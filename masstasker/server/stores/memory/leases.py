@@ -67,6 +67,36 @@ class LeaseIndex:
         else:
             heappush(self._pending, key)
 
+    def add_new(self, keys: list[int]) -> None:
+        """Index ``keys``, which none is yet (new tasks' keys), in one call: an owning Query's batch."""
+        own = self._keys
+        if not own.isdisjoint(keys):  # not new after all: one by one, so none is counted twice
+            for key in keys:
+                self.add(key)
+            return
+        own.update(keys)
+        pending = self._pending
+        frontier = self._frontier
+        for key in keys:
+            if key < frontier:
+                self._expired += 1
+            else:
+                heappush(pending, key)
+
+    def discard_all(self, keys: list[int]) -> None:
+        """Unindex those of ``keys`` that are indexed: a completion's batch."""
+        own = self._keys
+        frontier = self._frontier
+        expired = self._expired
+        for key in keys:
+            if key in own:
+                own.remove(key)
+                if key < frontier:
+                    expired -= 1
+        self._expired = expired
+        if len(self._pending) > 2 * len(own) + _SLACK:
+            self._rebuild(frontier)
+
     def discard(self, key: int) -> bool:
         """Unindex ``key``; whether it was indexed. Amortized O(1)."""
         keys = self._keys

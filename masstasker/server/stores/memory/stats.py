@@ -169,21 +169,22 @@ class StoreStatistics:
             if leased is None:
                 leased = record.leased = LeaseIndex()
             elif leased:
-                for task in removed:  # an expired lease taken again
-                    leased.discard(task.key)
+                leased.discard_all([task.key for task in removed])  # expired leases taken again
             record.owned += len(created)
-            for task in created:
-                leased.add(task.key)
+            leased.add_new([task.key for task in created])
             return
         if not created:  # deletions only (a worker's completion): no rewrite, no lease carried over
-            for task in removed:
-                record = groups[task.group]
-                record.departed += 1
-                key = task.key
-                if record.leased:
-                    record.leased.discard(key)
-                if record.errors:
-                    record.errors.discard(key)
+            if not removed:  # refs that selected nothing
+                return
+            group = removed[0].group
+            if all(task.group is group for task in removed):  # interned names: one group, the common case
+                self._departed(groups[group], removed)
+            else:
+                runs: dict[str, list[_Task]] = {}
+                for task in removed:
+                    runs.setdefault(task.group, []).append(task)
+                for group, tasks in runs.items():
+                    self._departed(groups[group], tasks)
             return
         if not removed:  # creates only
             if created_by_group is None:
@@ -210,6 +211,18 @@ class StoreStatistics:
                 if record.errors is None:
                     record.errors = SortedList()
                 record.errors.add(task.key)
+
+    @staticmethod
+    def _departed(record: GroupRecord, removed: list[_Task]) -> None:
+        """Tasks of the record's group deleted (or moved away) by a change that created nothing."""
+        record.departed += len(removed)
+        if record.leased or record.errors:
+            keys = [task.key for task in removed]
+            if record.leased:
+                record.leased.discard_all(keys)
+            if record.errors:
+                for key in keys:
+                    record.errors.discard(key)
 
     def _unindex(self, removed: list[_Task]) -> set[int] | None:
         """Take removed tasks out of the lease and error indices; the keys that carried a lease."""
