@@ -168,8 +168,8 @@ class StoreStatistics:
             leased = record.leased
             if leased is None:
                 leased = record.leased = LeaseIndex()
-            elif leased:
-                leased.discard_all([task.key for task in removed])  # expired leases taken again
+            else:  # expired leases taken again (no emptiness test first: that is one more Python call)
+                leased.discard_all([task.key for task in removed])
             record.owned += len(created)
             leased.add_new([task.key for task in created])
             return
@@ -177,7 +177,8 @@ class StoreStatistics:
             if not removed:  # refs that selected nothing
                 return
             group = removed[0].group
-            if all(task.group is group for task in removed):  # interned names: one group, the common case
+            # Interned names: one group, the common case (and one task, the commonest: no generator).
+            if len(removed) == 1 or all(task.group is group for task in removed):
                 self._departed(groups[group], removed)
             else:
                 runs: dict[str, list[_Task]] = {}
@@ -216,13 +217,16 @@ class StoreStatistics:
     def _departed(record: GroupRecord, removed: list[_Task]) -> None:
         """Tasks of the record's group deleted (or moved away) by a change that created nothing."""
         record.departed += len(removed)
-        if record.leased or record.errors:
+        leased, errors = record.leased, record.errors
+        if leased is not None or errors is not None:
             keys = [task.key for task in removed]
-            if record.leased:
-                record.leased.discard_all(keys)
-            if record.errors:
+            if leased is not None:
+                leased.discard_all(keys)
+            if errors is not None:
                 for key in keys:
-                    record.errors.discard(key)
+                    errors.discard(key)
+                if not errors:  # None again: a group whose errors are gone pays nothing for them
+                    record.errors = None
 
     def _unindex(self, removed: list[_Task]) -> set[int] | None:
         """Take removed tasks out of the lease and error indices; the keys that carried a lease."""
