@@ -10,7 +10,7 @@ from masstasker.server.stores.memory import leases
 from masstasker.server.stores.memory.leases import LeaseIndex
 
 _OPS = st.lists(
-    st.tuples(st.sampled_from(["add", "discard", "after", "add_new", "discard_all"]), st.integers(0, 40)),
+    st.tuples(st.sampled_from(["add", "discard", "after", "replace", "complete"]), st.integers(-20, 40)),
     max_size=200,
 )
 
@@ -30,20 +30,21 @@ def test_agrees_with_a_set(ops: list[tuple[str, int]], slack: int, monkeypatch: 
         elif op == "discard":
             assert index.discard(key) is (key in model)
             model.discard(key)
-        elif op == "add_new":  # a batch of keys, usually new, sometimes not (then one by one)
-            batch = [key, key + 3, key + 7]
-            index.add_new(batch)
-            model.update(batch)
-        elif op == "discard_all":
+        elif op == "replace":  # an owning Query: some keys out (indexed or not), others in (new or not)
+            out, new = [key, key + 1], [key + 3, key + 7]
+            index.replace(out, new)
+            model.difference_update(out)
+            model.update(new)
+        elif op == "complete":
             batch = [key, key + 1, key + 5]
-            index.discard_all(batch)
+            index.replace(batch, ())
             model.difference_update(batch)
         else:  # counts at times that mostly move forward, sometimes back (a clock that stepped back)
             assert index.after(key) == sum(1 for k in model if k >= key)
         index._check()
         assert len(index) == len(model)
         assert list(index) == sorted(model)
-        assert all((k in index) is (k in model) for k in range(41))
+        assert all((k in index) is (k in model) for k in range(-20, 48))
 
 
 def test_stale_keys_do_not_pile_up() -> None:

@@ -12,7 +12,8 @@ of the statistics together (the batch-lease benchmark). Here:
 - ``_pending``, a binary heap of the keys not yet passed by ``_frontier`` (the
   limit of the latest count), with lazy deletion: a removed key stays in it
   until a count pops it, or until the heap is more than twice the set and is
-  rebuilt (amortized O(1) per removal);
+  rebuilt (amortized O(1) per removal); a key indexed again meanwhile is in it
+  twice, and counted once;
 - ``_expired``: how many keys of ``_keys`` are below ``_frontier``.
 
 Counting keys at or after ``limit`` pops what the time passed since the
@@ -25,7 +26,7 @@ increasing order and a push stops at its parent.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from heapq import heapify, heappop, heappush
 
 __all__ = ["LeaseIndex"]
@@ -67,34 +68,27 @@ class LeaseIndex:
         else:
             heappush(self._pending, key)
 
-    def add_new(self, keys: list[int]) -> None:
-        """Index ``keys``, which none is yet (new tasks' keys), in one call: an owning Query's batch."""
-        own = self._keys
-        if not own.isdisjoint(keys):  # not new after all: one by one, so none is counted twice
-            for key in keys:
-                self.add(key)
-            return
-        own.update(keys)
-        pending = self._pending
-        frontier = self._frontier
-        for key in keys:
-            if key < frontier:
-                self._expired += 1
-            else:
-                heappush(pending, key)
+    def replace(self, old: Sequence[int], new: Sequence[int]) -> None:
+        """Unindex those of ``old`` that are indexed, then index ``new``, in one call.
 
-    def discard_all(self, keys: list[int]) -> None:
-        """Unindex those of ``keys`` that are indexed: a completion's batch."""
-        own = self._keys
-        frontier = self._frontier
-        expired = self._expired
-        for key in keys:
+        An owning Query's change (``new`` empty: a completion's).
+        """
+        own, pending = self._keys, self._pending
+        frontier, expired = self._frontier, self._expired
+        for key in old:  # tasks owned again, whose earlier lease expired
             if key in own:
                 own.remove(key)
                 if key < frontier:
                     expired -= 1
+        for key in new:
+            if key not in own:
+                own.add(key)
+                if key < frontier:
+                    expired += 1
+                else:
+                    heappush(pending, key)
         self._expired = expired
-        if len(self._pending) > 2 * len(own) + _SLACK:
+        if len(pending) > 2 * len(own) + _SLACK:
             self._rebuild(frontier)
 
     def discard(self, key: int) -> bool:
@@ -117,9 +111,14 @@ class LeaseIndex:
             return len(self._pending)
         pending, keys = self._pending, self._keys
         expired = self._expired
+        last: int | None = None
         while pending and pending[0] < limit:
-            if heappop(pending) in keys:
+            # A key removed and indexed again before a count is in the heap twice; the copies pop one
+            # after the other and count once.
+            key = heappop(pending)
+            if key != last and key in keys:
                 expired += 1
+            last = key
         self._expired = expired
         self._frontier = limit
         return len(keys) - expired

@@ -107,6 +107,7 @@ class StoreStatistics:
         #: When the counters began (ns since the epoch); kept across restarts with a data directory.
         self.since = clock()
         self._open = self.since // _NANOS  # the second the counters' pending changes belong to
+        self._open_until = (self._open + 1) * _NANOS  # when it ends: one comparison per commit, no division
         self._next_forget = 0
         #: The last commit's kind and time (ns, the store's clock): the log records them.
         self.last_kind = UPDATE
@@ -157,7 +158,7 @@ class StoreStatistics:
         """
         now = self.last_time = self._clock()
         self.last_kind = kind
-        if now // _NANOS > self._open:
+        if now >= self._open_until:
             self._close_open_second(now)
         groups = self.groups
         if kind == OWN and removed and not errored:
@@ -168,10 +169,11 @@ class StoreStatistics:
             leased = record.leased
             if leased is None:
                 leased = record.leased = LeaseIndex()
-            else:  # expired leases taken again (no emptiness test first: that is one more Python call)
-                leased.discard_all([task.key for task in removed])
             record.owned += len(created)
-            leased.add_new([task.key for task in created])
+            if len(removed) == 1:  # a tuple, not a list comprehension: that is a call of its own
+                leased.replace((removed[0].key,), (created[0].key,))
+            else:
+                leased.replace([task.key for task in removed], [task.key for task in created])
             return
         if not created:  # deletions only (a worker's completion): no rewrite, no lease carried over
             if not removed:  # refs that selected nothing
@@ -219,9 +221,9 @@ class StoreStatistics:
         record.departed += len(removed)
         leased, errors = record.leased, record.errors
         if leased is not None or errors is not None:
-            keys = [task.key for task in removed]
+            keys = (removed[0].key,) if len(removed) == 1 else [task.key for task in removed]
             if leased is not None:
-                leased.discard_all(keys)
+                leased.replace(keys, ())
             if errors is not None:
                 for key in keys:
                     errors.discard(key)
@@ -356,6 +358,7 @@ class StoreStatistics:
         """The start of the counters and the open second, from a snapshot."""
         self.since = since
         self._open = open_second
+        self._open_until = (open_second + 1) * _NANOS
 
     @property
     def open_second(self) -> int:
@@ -392,6 +395,7 @@ class StoreStatistics:
         for record in self.groups.values():
             record.history.close(second, (record.created, record.owned, record.departed))
         self._open = now // _NANOS
+        self._open_until = (self._open + 1) * _NANOS
         if second >= self._next_forget:
             self._next_forget = second + _FORGET_EVERY_SECONDS
             horizon = second - FORGET_IDLE_SECONDS
