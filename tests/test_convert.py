@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from masstasker._pb import masstasker_pb2 as pb
-from masstasker.server.convert import spec_from_pb, specs_from_pb
+from masstasker.server.convert import ref_from_pb, refs_from_pb, spec_from_pb, specs_from_pb
 from masstasker.server.stores.memory.store import BadRequest
 
 _tasks = st.builds(
@@ -49,3 +49,24 @@ def test_a_bad_not_before_names_the_task() -> None:
     bad = pb.Task(group="g", not_before=Timestamp(seconds=-(2**62)))
     with pytest.raises(BadRequest, match=r"^created\[1\]\.not_before: "):
         specs_from_pb([good, bad])
+
+
+_refs = st.one_of(
+    st.integers(0, 2**64 - 1).map(lambda i: pb.TaskRef(id=i)),
+    st.just(pb.TaskRef(id=0)),  # set explicitly: the oneof says id, the value is the default
+    st.sampled_from(["", "g"]).map(lambda g: pb.TaskRef(group=g)),
+    st.dictionaries(st.sampled_from(["k", "z"]), st.text(max_size=2), min_size=1).map(
+        lambda labels: pb.TaskRef(selector=pb.LabelSelector(labels=labels))
+    ),
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(refs=st.lists(_refs, max_size=5))
+def test_refs_agree_with_one_by_one(refs: list[pb.TaskRef]) -> None:
+    assert refs_from_pb(refs) == [ref_from_pb(r) for r in refs]
+
+
+def test_a_ref_without_a_selector_is_refused() -> None:
+    with pytest.raises(BadRequest, match="no selector set"):
+        refs_from_pb([pb.TaskRef(id=3), pb.TaskRef()])

@@ -187,8 +187,15 @@ def ref_from_pb(ref: pb.TaskRef) -> Ref:
 
 def refs_from_pb(refs: Sequence[pb.TaskRef]) -> list[Ref]:
     """Every ref converted, in order."""
-    # ID refs inline: every worker's commit is one, and this runs on every Update.
-    return [IdRef(r.id) if r.WhichOneof("sel") == "id" else ref_from_pb(r) for r in refs]
+    # ID refs inline: every worker's commit is one, and this runs on every Update. A non-zero ``id`` can
+    # only be the oneof's set member, so reading it first spares WhichOneof (a quarter of the
+    # conversion of a 100-task completion); an ``id`` of 0 may be unset and goes the long way.
+    out: list[Ref] = []
+    append = out.append
+    for r in refs:
+        task_id = r.id
+        append(IdRef(task_id) if task_id else ref_from_pb(r))
+    return out
 
 
 class QuerySpec(NamedTuple):
