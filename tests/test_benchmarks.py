@@ -43,3 +43,21 @@ def test_quick_run_produces_sane_results(tmp_path: Path) -> None:
     targets = {t["name"]: t for t in document["targets"]}
     assert targets["lease-64: real / ceiling throughput"]["met"] is None  # not run
     assert targets["memory: RSS bytes per task"]["met"] in (True, False)
+
+
+def test_in_process_cpu_benchmark_runs(tmp_path: Path) -> None:
+    """benchmarks/inproc.py, tiny: every operation and its statistics-off variant print a figure.
+
+    It compares this checkout with itself through ``--tree`` (two rounds), as it compares two checkouts.
+    """
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    small = ["--repeats", "1", "--cycles", "20", "--batches", "2", "--creates", "2", "--statistics-cost"]
+    argv = [sys.executable, str(ROOT / "benchmarks" / "inproc.py"), *small, "--tree", str(ROOT), "--rounds", "2"]
+    done = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    names = [line.split()[0] for line in done.stdout.splitlines()]
+    assert names == ["lease", "lease-nostats", "batch", "batch-nostats", "create", "create-nostats"], done.stdout
+    for line in done.stdout.splitlines():
+        figure = float(line.split()[1])
+        assert figure > 0, line
+        assert "1.000x of" in line, line  # one tree: its own reference
