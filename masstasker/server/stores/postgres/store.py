@@ -51,6 +51,7 @@ from masstasker.server.stores.postgres.codec import (
     notify_payload,
     split_ns,
 )
+from masstasker.server.stores.postgres.connection import PgConnection
 from masstasker.server.stores.postgres.listener import Listener
 from masstasker.server.stores.postgres.options import POLL_ONLY_INTERVAL, PgOptions, masked
 from masstasker.server.stores.postgres.statements import Statements, render
@@ -61,7 +62,7 @@ __all__ = ["PostgresStore"]
 log = logging.getLogger("masstasker.server.postgres")
 
 T = TypeVar("T")
-Conn = psycopg.AsyncConnection[Any]
+Conn = PgConnection
 
 # The largest ID a bigint sequence hands out; a larger ID in a request cannot exist.
 _MAX_ID = 2**63 - 1
@@ -91,6 +92,7 @@ class PostgresStore:
         self._conninfo = options.conninfo()
         self._pool = psycopg_pool.AsyncConnectionPool(
             self._conninfo,
+            connection_class=PgConnection,
             min_size=options.pool_size,
             max_size=options.pool_size,
             open=False,
@@ -220,14 +222,19 @@ class PostgresStore:
             raise StoreUnavailable(f"{_STORE} unreachable: {self._down}")
         for attempt in range(_RETRIES):
             try:
-                async with self._pool.connection() as conn:
-                    try:
-                        return await op(conn)
-                    except asyncio.CancelledError:
-                        # Cut off mid-statement (the caller went away), the connection may still be
-                        # inside a transaction or a pipeline: never hand it to the next caller.
-                        conn.pgconn.finish()
-                        raise
+                # getconn/putconn rather than connection(): that one also enters the connection's own
+                # context (a commit, a no-op in autocommit) and keeps usage statistics, on every call.
+                # putconn rolls back a connection left in a transaction, and replaces a closed one.
+                conn = await self._pool.getconn()
+                try:
+                    return await op(conn)
+                except asyncio.CancelledError:
+                    # Cut off mid-statement (the caller went away), the connection may still be
+                    # inside a transaction or a pipeline: never hand it to the next caller.
+                    conn.pgconn.finish()
+                    raise
+                finally:
+                    await self._pool.putconn(conn)
             except (errors.SerializationFailure, errors.DeadlockDetected):
                 self.retries += 1
                 if attempt == _RETRIES - 1:
@@ -260,7 +267,7 @@ class PostgresStore:
         if own_for <= 0:
 
             async def peek(conn: Conn) -> list[StoredTask]:
-                cur = await conn.execute(self._sql.peek_head, {"grp": grp, "now_s": now_s, "now_ns": now_ns, "n": n})
+                cur = await conn.one(self._sql.peek_head, {"grp": grp, "now_s": now_s, "now_ns": now_ns, "n": n})
                 return [StoredTask(i, group, join_ns(s, ns), b, None) for i, s, ns, b in await cur.fetchall()]
 
             return await self._run(peek)
@@ -276,7 +283,7 @@ class PostgresStore:
         params = {"grp": grp, "now_s": now_s, "now_ns": now_ns, "n": n, "until_s": until_s, "until_ns": until_ns}
 
         async def own(conn: Conn) -> list[StoredTask]:
-            cur = await conn.execute(self._sql.own_head, params)
+            cur = await conn.one(self._sql.own_head, params)
             rows = sorted(await cur.fetchall())
             return [StoredTask(i, group, until, b, None) for i, b in rows]
 
@@ -409,7 +416,7 @@ class PostgresStore:
             now_s, now_ns = split_ns(now)
 
             async def read(conn: Conn) -> int | None:
-                cur = await conn.execute(self._sql.next_hidden, {"grp": grp, "now_s": now_s, "now_ns": now_ns})
+                cur = await conn.one(self._sql.next_hidden, {"grp": grp, "now_s": now_s, "now_ns": now_ns})
                 row = await cur.fetchone()
                 return None if row is None else join_ns(row[0], row[1])
 
@@ -527,7 +534,7 @@ class PostgresStore:
             raise NotFound(f"task {task_id} does not exist")
 
         async def apply(conn: Conn) -> list[int]:
-            cur = await conn.execute(self._sql.delete_by_ids, {"ids": [task_id]})
+            cur = await conn.one(self._sql.delete_by_ids, {"ids": [task_id]})
             if not await cur.fetchall():
                 raise NotFound(f"task {task_id} does not exist")
             return []
