@@ -176,6 +176,11 @@ class PostgresStore:
         """False while the database is unreachable."""
         return self._down is None
 
+    @property
+    def listener(self) -> Listener:
+        """The connection that listens for notifications and pings the database."""
+        return self._listener
+
     def on_availability(self, callback: Callable[[str | None], Awaitable[None]]) -> None:
         """Call ``callback(reason)`` when the database is lost and ``callback(None)`` when it is back."""
         self._availability.append(callback)
@@ -186,7 +191,7 @@ class PostgresStore:
         return await never
 
     def register_metrics(self, registry: CollectorRegistry) -> None:
-        """Whether the database is reachable, and transactions retried after a deadlock."""
+        """Whether the database is reachable, failed pings it survived, transactions retried after a deadlock."""
         registry.register(_PgCollector(self))
 
     def release_waiters(self) -> None:
@@ -719,6 +724,11 @@ class _PgCollector(Collector):
     def collect(self) -> Iterator[Any]:
         yield GaugeMetricFamily(
             "masstasker_store_available", "1 while the PostgreSQL store is reachable", value=int(self._store.available)
+        )
+        yield CounterMetricFamily(
+            "masstasker_store_ping_failures",
+            "Pings of the database that failed while a new connection worked (slow moments, not outages)",
+            value=self._store.listener.ping_failures,
         )
         yield CounterMetricFamily(
             "masstasker_store_retries",
