@@ -171,4 +171,5 @@ class Listener:
             ping.cancel()  # psycopg then asks the server to cancel, and closes the connection if it cannot
             await asyncio.gather(ping, return_exceptions=True)
         finally:
+            ping.cancel()  # the listener is closing: the closed connection makes the ping end at once
             await conn.close()
