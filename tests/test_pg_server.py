@@ -76,6 +76,7 @@ def test_a_server_process_on_postgresql_masks_its_password(postgresql_dsn: str, 
             page = response.read().decode()
         assert 'masstasker_num_tasks{group="boot"} 1.0' in page
         assert "masstasker_store_available 1.0" in page
+        assert "masstasker_store_ping_failures_total 0.0" in page
         assert any(re.search(r"PostgreSQL store at .*password=\*\*\*", line) for line in server.log), server.log
         assert server.stop() == 0
     finally:
