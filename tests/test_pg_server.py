@@ -159,6 +159,37 @@ def test_one_stalled_ping_does_not_flip_health(pg_settings: dict[str, Any]) -> N
         assert _health(channel) == {SERVING}
 
 
+def test_ended_connections_are_replaced_while_health_stays_serving(
+    postgresql_cluster: PostgresCluster, pg_settings: dict[str, Any]
+) -> None:
+    """Every connection of the server ended by the database (as pg_terminate_backend does), the database
+    still up: the listener's new connection works, so health stays SERVING, and the pool is rechecked,
+    so no call fails on a dead pooled connection."""
+    name = "pgperf_ended"
+    settings = {**pg_settings, "store": pg_settings["store"] + f" application_name={name}"}
+    with (
+        BackgroundServer(Settings(port=0, listen_http="", **settings)) as server,
+        grpc.insecure_channel(server.target) as channel,
+    ):
+        stub = pb_grpc.MassTaskerStub(channel)
+        stub.Update(pb.UpdateRequest(created=[pb.Task(group="before")]))
+        ended = postgresql_cluster.psql(
+            f"SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = '{name}'"
+        )
+        assert int(ended) >= 2, "the listener's and the pool's connections should all have been ended"
+        seen: set[int] = set()
+        start = time.monotonic()
+        while server.call(lambda s: s.store.pool_rechecks) == 0:
+            seen |= _health(channel)
+            assert time.monotonic() - start < DEADLINE, "the pool was never rechecked"
+            time.sleep(0.02)
+        assert seen <= {SERVING}, "health flipped although the database never went away"
+        assert _listener(server, "ping_failures") == 1
+        for _ in range(20):  # more calls than the pool has connections: each would meet a dead one
+            stub.Update(pb.UpdateRequest(created=[pb.Task(group="after")]), timeout=DEADLINE)
+        assert len(stub.Debug(pb.DebugRequest(group="after")).tasks) == 20
+
+
 def test_a_hung_database_is_noticed_within_seconds(
     postgresql_cluster: PostgresCluster, pg_settings: dict[str, Any]
 ) -> None:

@@ -4,8 +4,8 @@ It LISTENs on the schema's channel and hands each notification's group to
 ``on_notify``. Between notifications it pings every ``interval`` seconds with
 a one-second deadline. One failed ping is not yet an outage (an overloaded
 machine, a backend that is slow for a moment): the listener drops that
-connection and opens a new one at once, with the same deadline, and only if
-that fails too calls ``on_down``. So a database that stops answering is
+connection and opens a new one at once, with the same deadline (and calls
+``on_replaced`` if that works), and only if that fails too calls ``on_down``. So a database that stops answering is
 noticed within about three seconds, and one that shuts down at once (its
 socket closes, the new connection is refused) at once. While down it
 reconnects every half second; once a connection works again it calls
@@ -52,6 +52,7 @@ class Listener:
         on_notify: Callable[[str | None], None],
         on_down: Callable[[str], None],
         on_up: Callable[[], Awaitable[None]],
+        on_replaced: Callable[[], None] = lambda: None,
     ) -> None:
         self._conninfo = conninfo
         self._channel = channel
@@ -60,6 +61,7 @@ class Listener:
         self._on_notify = on_notify
         self._on_down = on_down
         self._on_up = on_up
+        self._on_replaced = on_replaced
         self._task: asyncio.Task[None] | None = None
         self._abandoned: set[asyncio.Task[None]] = set()
         #: The PostgreSQL backend serving the current connection (for operators and tests).
@@ -129,8 +131,10 @@ class Listener:
             return None
         self.ping_failures += 1
         log.warning("PostgreSQL store: a ping failed (%s), a new connection works", str(exc) or type(exc).__name__)
-        # Notifications sent while the old connection hung are lost: every waiter looks once.
+        # Notifications sent while the old connection hung are lost: every waiter looks once. Whatever
+        # ended the old connection may have ended others (the pool's): the owner rechecks them.
         self._on_notify(None)
+        self._on_replaced()
         return conn
 
     async def _serve(self, conn: psycopg.AsyncConnection[Any]) -> None:

@@ -115,6 +115,7 @@ class PostgresStore:
             on_notify=self.waiters.signal,
             on_down=self._on_down,
             on_up=self._on_up,
+            on_replaced=self._recheck_pool,
         )
         self._down: str | None = None  # why the database is unreachable, while it is
         self._compactor: asyncio.Task[None] | None = None
@@ -122,6 +123,7 @@ class PostgresStore:
         self._closing = False
         self.schema_version: schema.SchemaVersion | None = None
         self.retries = 0  # transactions retried after a deadlock or serialization failure, ever
+        self.pool_rechecks = 0  # pool checks done after the listener replaced its connection, ever
         self._availability: list[Callable[[str | None], Awaitable[None]]] = []
 
     # -- life cycle --------------------------------------------------------------------
@@ -205,6 +207,20 @@ class PostgresStore:
             task = asyncio.ensure_future(callback(reason))
             self._background.add(task)
             task.add_done_callback(self._background.discard)
+
+    def _recheck_pool(self) -> None:
+        # The listener's connection was replaced: pooled connections ended with it are replaced now,
+        # rather than each failing one call first.
+        async def check() -> None:
+            try:
+                await self._pool.check()
+            except (psycopg.Error, psycopg_pool.PoolTimeout, OSError) as exc:
+                log.warning("could not recheck the pool: %s", exc)
+            self.pool_rechecks += 1
+
+        task = asyncio.ensure_future(check())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def _on_up(self) -> None:
         # Connections from before the outage are dead: replace them before answering again.
