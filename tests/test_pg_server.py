@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -74,6 +76,7 @@ def test_a_server_process_on_postgresql_masks_its_password(postgresql_dsn: str, 
             page = response.read().decode()
         assert 'masstasker_num_tasks{group="boot"} 1.0' in page
         assert "masstasker_store_available 1.0" in page
+        assert "masstasker_store_ping_failures_total 0.0" in page
         assert any(re.search(r"PostgreSQL store at .*password=\*\*\*", line) for line in server.log), server.log
         assert server.stop() == 0
     finally:
@@ -117,3 +120,97 @@ def test_a_lost_database_is_unavailable_and_not_serving_then_recovers(
         assert [t.id for t in stub.Debug(pb.DebugRequest(group="kept")).tasks] == [kept]
         assert list(stub.Debug(pb.DebugRequest(group="lost")).tasks) == []
         assert stub.Update(pb.UpdateRequest(created=[pb.Task(group="after")])).created_ids[0] > kept
+
+
+def _listener(server: BackgroundServer, attribute: str) -> Any:
+    return server.call(lambda s: getattr(s.store.listener, attribute))
+
+
+def test_one_stalled_ping_does_not_flip_health(pg_settings: dict[str, Any]) -> None:
+    """The listener's backend paused past the ping deadline: a new connection works, so health stays SERVING."""
+    with (
+        BackgroundServer(Settings(port=0, listen_http="", **pg_settings)) as server,
+        grpc.insecure_channel(server.target) as channel,
+    ):
+        stub = pb_grpc.MassTaskerStub(channel)
+        paused = _listener(server, "backend_pid")
+        failures = _listener(server, "ping_failures")
+        os.kill(paused, signal.SIGSTOP)
+        try:
+            seen: set[int] = set()
+            start = time.monotonic()
+            while _listener(server, "ping_failures") == failures and seen <= {SERVING}:
+                seen |= _health(channel)
+                assert time.monotonic() - start < DEADLINE, "no ping failed while the listener's backend was paused"
+                time.sleep(0.02)
+            seen |= _health(channel)
+            assert seen == {SERVING}, "health flipped on one stalled ping"
+            assert server.call(lambda s: s.store.available)
+            assert _listener(server, "backend_pid") != paused
+            # Notifications arrive on the new connection: a waiter is woken by one, not by the poll.
+            waiting = stub.Query.future(pb.QueryRequest(group="after", wait=True), timeout=DEADLINE)
+            _wait_for(lambda: server.call(lambda s: s.waiters.count) == 1, "the Query to wait")
+            wakeups = server.call(lambda s: s.waiters.wakeups)
+            (created,) = stub.Update(pb.UpdateRequest(created=[pb.Task(group="after")])).created_ids
+            assert waiting.result(timeout=DEADLINE).task.id == created
+            assert server.call(lambda s: s.waiters.wakeups) > wakeups
+        finally:
+            os.kill(paused, signal.SIGCONT)
+        assert _health(channel) == {SERVING}
+
+
+def test_ended_connections_are_replaced_while_health_stays_serving(
+    postgresql_cluster: PostgresCluster, pg_settings: dict[str, Any]
+) -> None:
+    """Every connection of the server ended by the database (as pg_terminate_backend does), the database
+    still up: the listener's new connection works, so health stays SERVING, and the pool is rechecked,
+    so no call fails on a dead pooled connection."""
+    name = "pgperf_ended"
+    settings = {**pg_settings, "store": pg_settings["store"] + f" application_name={name}"}
+    with (
+        BackgroundServer(Settings(port=0, listen_http="", **settings)) as server,
+        grpc.insecure_channel(server.target) as channel,
+    ):
+        stub = pb_grpc.MassTaskerStub(channel)
+        stub.Update(pb.UpdateRequest(created=[pb.Task(group="before")]))
+        ended = postgresql_cluster.psql(
+            f"SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = '{name}'"
+        )
+        assert int(ended) >= 2, "the listener's and the pool's connections should all have been ended"
+        seen: set[int] = set()
+        start = time.monotonic()
+        while server.call(lambda s: s.store.pool_rechecks) == 0:
+            seen |= _health(channel)
+            assert time.monotonic() - start < DEADLINE, "the pool was never rechecked"
+            time.sleep(0.02)
+        assert seen <= {SERVING}, "health flipped although the database never went away"
+        assert _listener(server, "ping_failures") == 1
+        for _ in range(20):  # more calls than the pool has connections: each would meet a dead one
+            stub.Update(pb.UpdateRequest(created=[pb.Task(group="after")]), timeout=DEADLINE)
+        assert len(stub.Debug(pb.DebugRequest(group="after")).tasks) == 20
+
+
+def test_a_hung_database_is_noticed_within_seconds(
+    postgresql_cluster: PostgresCluster, pg_settings: dict[str, Any]
+) -> None:
+    """Every PostgreSQL process paused: the ping fails and so does a new connection, so health says NOT_SERVING."""
+    with (
+        BackgroundServer(Settings(port=0, listen_http="", **pg_settings)) as server,
+        grpc.insecure_channel(server.target) as channel,
+    ):
+        assert _health(channel) == {SERVING}
+        paused = postgresql_cluster.pids()
+        for pid in paused:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            hung = time.monotonic()
+            noticed = _wait_for(lambda: _health(channel) == {NOT_SERVING}, "health NOT_SERVING for both names")
+            # One ping interval, the ping's deadline, and the new connection's: about three seconds.
+            assert noticed - hung < 5.0, f"health said SERVING {noticed - hung:.1f} s after the database hung"
+        finally:
+            for pid in paused:
+                os.kill(pid, signal.SIGCONT)
+        _wait_for(lambda: _health(channel) == {SERVING}, "health SERVING again")
+        stub = pb_grpc.MassTaskerStub(channel)
+        (created,) = stub.Update(pb.UpdateRequest(created=[pb.Task(group="after")])).created_ids
+        assert [t.id for t in stub.Debug(pb.DebugRequest(group="after")).tasks] == [created]

@@ -51,6 +51,7 @@ from masstasker.server.stores.postgres.codec import (
     notify_payload,
     split_ns,
 )
+from masstasker.server.stores.postgres.connection import PgConnection
 from masstasker.server.stores.postgres.listener import Listener
 from masstasker.server.stores.postgres.options import POLL_ONLY_INTERVAL, PgOptions, masked
 from masstasker.server.stores.postgres.statements import Statements, render
@@ -61,7 +62,7 @@ __all__ = ["PostgresStore"]
 log = logging.getLogger("masstasker.server.postgres")
 
 T = TypeVar("T")
-Conn = psycopg.AsyncConnection[Any]
+Conn = PgConnection
 
 # The largest ID a bigint sequence hands out; a larger ID in a request cannot exist.
 _MAX_ID = 2**63 - 1
@@ -91,6 +92,7 @@ class PostgresStore:
         self._conninfo = options.conninfo()
         self._pool = psycopg_pool.AsyncConnectionPool(
             self._conninfo,
+            connection_class=PgConnection,
             min_size=options.pool_size,
             max_size=options.pool_size,
             open=False,
@@ -113,6 +115,7 @@ class PostgresStore:
             on_notify=self.waiters.signal,
             on_down=self._on_down,
             on_up=self._on_up,
+            on_replaced=self._recheck_pool,
         )
         self._down: str | None = None  # why the database is unreachable, while it is
         self._compactor: asyncio.Task[None] | None = None
@@ -120,6 +123,7 @@ class PostgresStore:
         self._closing = False
         self.schema_version: schema.SchemaVersion | None = None
         self.retries = 0  # transactions retried after a deadlock or serialization failure, ever
+        self.pool_rechecks = 0  # pool checks done after the listener replaced its connection, ever
         self._availability: list[Callable[[str | None], Awaitable[None]]] = []
 
     # -- life cycle --------------------------------------------------------------------
@@ -174,6 +178,11 @@ class PostgresStore:
         """False while the database is unreachable."""
         return self._down is None
 
+    @property
+    def listener(self) -> Listener:
+        """The connection that listens for notifications and pings the database."""
+        return self._listener
+
     def on_availability(self, callback: Callable[[str | None], Awaitable[None]]) -> None:
         """Call ``callback(reason)`` when the database is lost and ``callback(None)`` when it is back."""
         self._availability.append(callback)
@@ -184,7 +193,7 @@ class PostgresStore:
         return await never
 
     def register_metrics(self, registry: CollectorRegistry) -> None:
-        """Whether the database is reachable, and transactions retried after a deadlock."""
+        """Whether the database is reachable, failed pings it survived, transactions retried after a deadlock."""
         registry.register(_PgCollector(self))
 
     def release_waiters(self) -> None:
@@ -198,6 +207,20 @@ class PostgresStore:
             task = asyncio.ensure_future(callback(reason))
             self._background.add(task)
             task.add_done_callback(self._background.discard)
+
+    def _recheck_pool(self) -> None:
+        # The listener's connection was replaced: pooled connections ended with it are replaced now,
+        # rather than each failing one call first.
+        async def check() -> None:
+            try:
+                await self._pool.check()
+            except (psycopg.Error, psycopg_pool.PoolTimeout, OSError) as exc:
+                log.warning("could not recheck the pool: %s", exc)
+            self.pool_rechecks += 1
+
+        task = asyncio.ensure_future(check())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def _on_up(self) -> None:
         # Connections from before the outage are dead: replace them before answering again.
@@ -220,14 +243,19 @@ class PostgresStore:
             raise StoreUnavailable(f"{_STORE} unreachable: {self._down}")
         for attempt in range(_RETRIES):
             try:
-                async with self._pool.connection() as conn:
-                    try:
-                        return await op(conn)
-                    except asyncio.CancelledError:
-                        # Cut off mid-statement (the caller went away), the connection may still be
-                        # inside a transaction or a pipeline: never hand it to the next caller.
-                        conn.pgconn.finish()
-                        raise
+                # getconn/putconn rather than connection(): that one also enters the connection's own
+                # context (a commit, a no-op in autocommit) and keeps usage statistics, on every call.
+                # putconn rolls back a connection left in a transaction, and replaces a closed one.
+                conn = await self._pool.getconn()
+                try:
+                    return await op(conn)
+                except asyncio.CancelledError:
+                    # Cut off mid-statement (the caller went away), the connection may still be
+                    # inside a transaction or a pipeline: never hand it to the next caller.
+                    conn.pgconn.finish()
+                    raise
+                finally:
+                    await self._pool.putconn(conn)
             except (errors.SerializationFailure, errors.DeadlockDetected):
                 self.retries += 1
                 if attempt == _RETRIES - 1:
@@ -260,7 +288,7 @@ class PostgresStore:
         if own_for <= 0:
 
             async def peek(conn: Conn) -> list[StoredTask]:
-                cur = await conn.execute(self._sql.peek_head, {"grp": grp, "now_s": now_s, "now_ns": now_ns, "n": n})
+                cur = await conn.one(self._sql.peek_head, {"grp": grp, "now_s": now_s, "now_ns": now_ns, "n": n})
                 return [StoredTask(i, group, join_ns(s, ns), b, None) for i, s, ns, b in await cur.fetchall()]
 
             return await self._run(peek)
@@ -276,7 +304,7 @@ class PostgresStore:
         params = {"grp": grp, "now_s": now_s, "now_ns": now_ns, "n": n, "until_s": until_s, "until_ns": until_ns}
 
         async def own(conn: Conn) -> list[StoredTask]:
-            cur = await conn.execute(self._sql.own_head, params)
+            cur = await conn.one(self._sql.own_head, params)
             rows = sorted(await cur.fetchall())
             return [StoredTask(i, group, until, b, None) for i, b in rows]
 
@@ -409,7 +437,7 @@ class PostgresStore:
             now_s, now_ns = split_ns(now)
 
             async def read(conn: Conn) -> int | None:
-                cur = await conn.execute(self._sql.next_hidden, {"grp": grp, "now_s": now_s, "now_ns": now_ns})
+                cur = await conn.one(self._sql.next_hidden, {"grp": grp, "now_s": now_s, "now_ns": now_ns})
                 row = await cur.fetchone()
                 return None if row is None else join_ns(row[0], row[1])
 
@@ -527,7 +555,7 @@ class PostgresStore:
             raise NotFound(f"task {task_id} does not exist")
 
         async def apply(conn: Conn) -> list[int]:
-            cur = await conn.execute(self._sql.delete_by_ids, {"ids": [task_id]})
+            cur = await conn.one(self._sql.delete_by_ids, {"ids": [task_id]})
             if not await cur.fetchall():
                 raise NotFound(f"task {task_id} does not exist")
             return []
@@ -712,6 +740,11 @@ class _PgCollector(Collector):
     def collect(self) -> Iterator[Any]:
         yield GaugeMetricFamily(
             "masstasker_store_available", "1 while the PostgreSQL store is reachable", value=int(self._store.available)
+        )
+        yield CounterMetricFamily(
+            "masstasker_store_ping_failures",
+            "Pings of the database that failed while a new connection worked (slow moments, not outages)",
+            value=self._store.listener.ping_failures,
         )
         yield CounterMetricFamily(
             "masstasker_store_retries",
