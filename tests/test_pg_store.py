@@ -119,12 +119,12 @@ def test_a_predicate_is_held_until_the_update_commits(postgresql_dsn: str, postg
                 await deleter.execute("SET lock_timeout = '300ms'")
                 delete = render(postgresql_schema).delete_by_ids
                 with pytest.raises(psycopg.errors.LockNotAvailable):
-                    await deleter.execute(delete, {"ids": [pred]})
+                    await deleter.execute(delete, {"ids": [pred], "at_s": 0})
                 await blocker.execute("ROLLBACK")
                 assert len(await update) == 1
                 # The predicate survived the Update and is deletable now that it committed.
-                cur = await deleter.execute(delete, {"ids": [pred]})
-                assert await cur.fetchall() == [(pred,)]
+                cur = await deleter.execute(delete, {"ids": [pred], "at_s": 0})
+                assert [row[0] for row in await cur.fetchall()] == [pred]
 
     run(scenario())
 
@@ -138,7 +138,7 @@ def test_a_predicate_deleted_concurrently_fails_the_update(postgresql_dsn: str, 
             async with raw(postgresql_dsn) as deleter:
                 await deleter.execute("BEGIN")
                 # The statement another server's Update would run to delete it.
-                await deleter.execute(render(postgresql_schema).delete_by_ids, {"ids": [pred]})
+                await deleter.execute(render(postgresql_schema).delete_by_ids, {"ids": [pred], "at_s": 0})
                 update = asyncio.create_task(store.update([spec("result")], [IdRef(other)], [pred]))
                 await _wait_until_blocked(postgresql_dsn)
                 await deleter.execute("COMMIT")
@@ -291,7 +291,7 @@ def test_hostile_strings_round_trip_byte_for_byte(postgresql_dsn: str, postgresq
                 assert await store.debug(text, 0) == ([], 0)
             assert (await store.debug("", 0))[1] == 0
             tables = await _table_names(postgresql_dsn, postgresql_schema)
-            assert tables == {"tasks", "group_counts", "schema_version"}
+            assert tables == {"tasks", "group_counts", "group_history", "schema_version"}
 
     run(scenario())
 
@@ -310,7 +310,7 @@ def test_a_hostile_schema_name_is_quoted(postgresql_dsn: str, postgresql_schema:
             async with opened(postgresql_dsn, name) as store:
                 (task_id,) = await store.update([spec("g")])
                 assert [t.id for t in (await store.debug("g", 0))[0]] == [task_id]
-            assert await _table_names(postgresql_dsn, name) == {"tasks", "group_counts", "schema_version"}
+            assert await _table_names(postgresql_dsn, name) == {"tasks", "group_counts", "group_history", "schema_version"}
         finally:
             async with raw(postgresql_dsn) as conn:
                 await conn.execute(f"DROP SCHEMA IF EXISTS {quote_ident(name)} CASCADE")
@@ -585,7 +585,15 @@ def test_hot_statements_use_their_indexes(postgresql_dsn: str, postgresql_schema
                 )
             sql = render(postgresql_schema)
             now_s, now_ns = divmod(time.time_ns(), SECOND)
-            params = {"grp": b"g3", "now_s": now_s, "now_ns": now_ns, "n": 1, "until_s": now_s + 60, "until_ns": 0}
+            params = {
+                "grp": b"g3",
+                "now_s": now_s,
+                "now_ns": now_ns,
+                "n": 1,
+                "until_s": now_s + 60,
+                "until_ns": 0,
+                "at_s": now_s,
+            }
             async with raw(postgresql_dsn) as conn:
                 await conn.execute(f"ANALYZE {quote_ident(postgresql_schema)}.tasks")
 
@@ -601,8 +609,8 @@ def test_hot_statements_use_their_indexes(postgresql_dsn: str, postgresql_schema
                 assert "tasks_queue" in await plan(sql.debug_group, {"grp": b"g3", "limit": 10})
                 assert "tasks_pkey" in await plan(sql.debug_all, {"limit": 10})
                 assert "tasks_queue" in await plan(sql.group_stats, {"now_s": now_s, "now_ns": now_ns})
-                assert "tasks_pkey" in await plan(sql.delete_by_ids, {"ids": [1, 2]})
-                assert "tasks_labels" in await plan(sql.delete_by_labels, {"labels": ["6e:35"]})
+                assert "tasks_pkey" in await plan(sql.delete_by_ids, {"ids": [1, 2], "at_s": 0})
+                assert "tasks_labels" in await plan(sql.delete_by_labels, {"labels": ["6e:35"], "at_s": 0})
 
     run(scenario(), timeout=120)
 
