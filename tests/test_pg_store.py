@@ -310,7 +310,12 @@ def test_a_hostile_schema_name_is_quoted(postgresql_dsn: str, postgresql_schema:
             async with opened(postgresql_dsn, name) as store:
                 (task_id,) = await store.update([spec("g")])
                 assert [t.id for t in (await store.debug("g", 0))[0]] == [task_id]
-            assert await _table_names(postgresql_dsn, name) == {"tasks", "group_counts", "group_history", "schema_version"}
+            assert await _table_names(postgresql_dsn, name) == {
+                "tasks",
+                "group_counts",
+                "group_history",
+                "schema_version",
+            }
         finally:
             async with raw(postgresql_dsn) as conn:
                 await conn.execute(f"DROP SCHEMA IF EXISTS {quote_ident(name)} CASCADE")
