@@ -84,7 +84,7 @@ class PgAdminView:
         store = self._store
         now_s, now_ns = split_ns(now)
         to_s = now // _NANOS - 1
-        params = {"grp": group_bytes(group), "now_s": now_s, "now_ns": now_ns, "to_s": to_s}
+        params = {"grp": group_bytes(group), "now_s": now_s, "now_ns": now_ns}
 
         async def read(conn: psycopg.AsyncConnection[Any]) -> GroupStats:
             row = await (await conn.execute(store._sql.admin_group, params)).fetchone()
@@ -113,21 +113,24 @@ class PgAdminView:
     def _from_group_row(
         self, group: str, row: Sequence[Any], now: int, to_s: int, history: HistoryRequest | None
     ) -> GroupStats:
-        n, errors, created, owned, departed, leased, hidden, head_s, head_ns, open_c, open_o, open_d = row[:12]
-        widths, periods, c, o, d = (value or [] for value in row[12:])
-        recent = [
-            i
-            for i, (w, p) in enumerate(zip(widths, periods, strict=True))
-            if w == 1 and p >= to_s - RATE_WINDOW_SECONDS
-        ]
+        n, errors, created, owned, departed, leased, hidden, head_s, head_ns = row[:9]
+        widths, periods, c, o, d = (value or [] for value in row[9:])
+        # Rows after to_s are the second still open: not history yet, as in memory.
+        closed = [i for i, p in enumerate(periods) if p <= to_s]
+        recent = [i for i in closed if widths[i] == 1 and periods[i] >= to_s - RATE_WINDOW_SECONDS]
         measured = rates(
             [periods[i] for i in recent], ([c[i] for i in recent], [o[i] for i in recent], [d[i] for i in recent]), to_s
         )
         points: Sequence[Any] = ()
-        if history is not None and periods:
-            # The counters as they stood at the end of to_s: the open second's changes are not history yet.
-            closed = (created - open_c, owned - open_o, departed - open_d)
-            rebuilt = rebuilt_history(closed, periods, (c, o, d))
+        if history is not None and closed:
+            still_open = [i for i, p in enumerate(periods) if p > to_s]
+            counters = (
+                created - sum(c[i] for i in still_open),
+                owned - sum(o[i] for i in still_open),
+                departed - sum(d[i] for i in still_open),
+            )
+            increments = ([c[i] for i in closed], [o[i] for i in closed], [d[i] for i in closed])
+            rebuilt = rebuilt_history(counters, [periods[i] for i in closed], increments)
             points = rebuilt.points(to_s, history.span, history.step, n - created + departed)
         return self._stats(
             group, now, n, errors, (created, owned, departed), leased, hidden, head_s, head_ns, measured, points

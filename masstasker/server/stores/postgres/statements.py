@@ -288,21 +288,17 @@ ORDER BY sums.grp
 """
 
 # As ADMIN_GROUPS for one group (one row, zeros for a group never seen), with its whole kept history:
-# the journal rows up to to_s and group_history's rows (primary key), summed per (width, period),
-# oldest first; and the counters of journal rows after to_s (the second still open).
+# the journal rows and group_history's rows (primary key), summed per (width, period), oldest first.
 ADMIN_GROUP = """
 WITH sums AS (
     SELECT coalesce(sum(n), 0)::int8 AS n, coalesce(sum(errors), 0)::int8 AS errors,
         coalesce(sum(created), 0)::int8 AS created, coalesce(sum(owned), 0)::int8 AS owned,
-        coalesce(sum(departed), 0)::int8 AS departed,
-        coalesce(sum(created) FILTER (WHERE at_s > %(to_s)b::int8), 0)::int8 AS open_c,
-        coalesce(sum(owned) FILTER (WHERE at_s > %(to_s)b::int8), 0)::int8 AS open_o,
-        coalesce(sum(departed) FILTER (WHERE at_s > %(to_s)b::int8), 0)::int8 AS open_d
+        coalesce(sum(departed), 0)::int8 AS departed
     FROM {schema}.group_counts WHERE grp = %(grp)b
 ), kept AS (
     SELECT w, p, sum(c)::int8 AS c, sum(o)::int8 AS o, sum(d)::int8 AS d FROM (
         SELECT 1 AS w, at_s AS p, created AS c, owned AS o, departed AS d FROM {schema}.group_counts
-        WHERE grp = %(grp)b AND at_s <= %(to_s)b::int8
+        WHERE grp = %(grp)b AND at_s IS NOT NULL
         UNION ALL
         SELECT width, period, created, owned, departed FROM {schema}.group_history WHERE grp = %(grp)b
     ) r GROUP BY w, p
@@ -313,8 +309,7 @@ WITH sums AS (
     FROM kept
 )
 SELECT sums.n, sums.errors, sums.created, sums.owned, sums.departed, hidden.leased, hidden.n,
-    head.nb_s, head.nb_ns, sums.open_c, sums.open_o, sums.open_d, history.w, history.p, history.c,
-    history.o, history.d
+    head.nb_s, head.nb_ns, history.w, history.p, history.c, history.o, history.d
 FROM sums CROSS JOIN history
 CROSS JOIN LATERAL (
     SELECT count(*) FILTER (WHERE t.leased)::int8 AS leased, count(*)::int8 AS n FROM {schema}.tasks t
