@@ -357,6 +357,57 @@ def test_an_older_schema_is_upgraded_in_place_with_its_tasks(postgresql_dsn: str
     run(scenario())
 
 
+# Bodies for the error flag: an error, none, an empty one, a later empty one winning, 0x32 bytes that are
+# not the error field (inside data, in a varint, in an unknown group), attempts first.
+ERROR_BODIES = [
+    (b"", False),
+    (with_error(b"", "boom"), True),
+    (encode(5, with_error(b"\x1a\x03abc", "x")), True),
+    (b"\x32\x00", False),
+    (with_error(b"", "boom") + b"\x32\x00", False),
+    (b"\x32\x00" + with_error(b"", "late"), True),
+    (b"\x1a\x032\x32\x32", False),
+    (b"\x08\x32", False),
+    (b"\x0b\x32\x01z\x0c", False),
+    (encode(200, b"\x1a\x01\x32"), False),
+]
+
+
+def test_the_upgrade_to_statistics_flags_existing_errors(postgresql_dsn: str, postgresql_schema: str) -> None:
+    """Version 3 had no error flags: the upgrade's SQL walker agrees with body.py on every body."""
+
+    async def scenario() -> None:
+        async with raw(postgresql_dsn) as conn:
+            await schema.migrate(conn, postgresql_schema, target=3)
+            table = f"{quote_ident(postgresql_schema)}.tasks"
+            for i, (body, _) in enumerate(ERROR_BODIES, start=1):
+                await conn.execute(
+                    f"INSERT INTO {table} (id, grp, nb_s, nb_ns, body) VALUES (%s, %s, 0, 0, %s)",
+                    (i, b"g" + bytes([48 + i % 2]), body),
+                )
+                # As version 3's own statements did: one count row per change.
+                await conn.execute(
+                    f"INSERT INTO {quote_ident(postgresql_schema)}.group_counts (grp, n) VALUES (%s, 1)",
+                    (b"g" + bytes([48 + i % 2]),),
+                )
+            await conn.execute(f"SELECT setval('{quote_ident(postgresql_schema)}.task_ids', %s)", (len(ERROR_BODIES),))
+        async with opened(postgresql_dsn, postgresql_schema) as store:
+            assert store.schema_version == schema.SchemaVersion(3, schema.LATEST)
+            async with raw(postgresql_dsn) as conn:
+                cur = await conn.execute(f"SELECT id, has_error FROM {table} ORDER BY id")
+                flags = [flag for _, flag in await cur.fetchall()]
+            assert flags == [expected for _, expected in ERROR_BODIES]
+            assert [error_of(body) != "" for body, _ in ERROR_BODIES] == flags  # the table is right too
+            stats = {s.group: s for s in await store.admin.group_stats(time.time_ns())}
+            for group in ("g0", "g1"):
+                parity = int(group[1])
+                wanted = sum(e for i, (_, e) in enumerate(ERROR_BODIES, start=1) if i % 2 == parity)
+                assert (stats[group].errors, stats[group].created) == (wanted, 0)
+            await store.check()
+
+    run(scenario())
+
+
 def test_a_newer_schema_is_refused(postgresql_dsn: str, postgresql_schema: str) -> None:
     async def scenario() -> None:
         async with opened(postgresql_dsn, postgresql_schema):
@@ -616,6 +667,24 @@ def test_hot_statements_use_their_indexes(postgresql_dsn: str, postgresql_schema
                 assert "tasks_queue" in await plan(sql.group_stats, {"now_s": now_s, "now_ns": now_ns})
                 assert "tasks_pkey" in await plan(sql.delete_by_ids, {"ids": [1, 2], "at_s": 0})
                 assert "tasks_labels" in await plan(sql.delete_by_labels, {"labels": ["6e:35"], "at_s": 0})
+                # The admin API: statistics probe tasks_queue per group, listings walk an index from the token.
+                window = {"now_s": now_s, "now_ns": now_ns, "from_s": now_s - 300, "to_s": now_s}
+                assert "tasks_queue" in await plan(sql.admin_groups, window)
+                assert "tasks_queue" in await plan(sql.admin_group, {**window, "grp": b"g3"})
+                page = {
+                    **keyset,
+                    "low_s": -(2**63),
+                    "low_ns": 0,
+                    "high_s": now_s,
+                    "high_ns": 0,
+                    "leased": None,
+                    "labels": None,
+                    "scan": 20_000,
+                    "page": 101,
+                }
+                assert "tasks_queue" in await plan(sql.list_tasks, page)
+                assert "tasks_errors" in await plan(sql.list_error_tasks, page)
+                assert "tasks_pkey" in await plan(sql.get_task, {"id": 5})
 
     run(scenario(), timeout=120)
 
