@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import grpc
 import pytest
 from clocks import HandClock
+from google.protobuf.duration_pb2 import Duration
 
 from masstasker._pb import masstasker_admin_pb2 as apb
 from masstasker._pb import masstasker_admin_pb2_grpc as apb_grpc
@@ -349,6 +350,12 @@ def test_statistics_follow_a_model_under_random_operations(
                 driver.verify()
         driver.verify()
         server.call(lambda s: s.store.check())
+        # ListGroups with history says what GetGroup says, group by group.
+        clock.advance(2 * S)
+        listing = driver.admin.ListGroups(apb.ListGroupsRequest(history=Duration(seconds=3600)), timeout=TIMEOUT)
+        assert any(g.history for g in listing.groups)
+        for stats in listing.groups:
+            assert stats == driver.admin.GetGroup(apb.GetGroupRequest(group=stats.group), timeout=TIMEOUT).group
         # Counters and history read the same before and after the journal is folded.
         before = driver.admin.GetGroup(apb.GetGroupRequest(group="a"), timeout=TIMEOUT).group
         compact(server)

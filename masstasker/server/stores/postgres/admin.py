@@ -54,7 +54,7 @@ class PgAdminView:
     ) -> list[GroupStats]:
         """Every group with tasks or counters, sorted by name; one statement (one snapshot).
 
-        With ``history``, every group's history too, read in the same snapshot (a statement per group).
+        With ``history``, every group's history too (the whole history table is read).
         ``wait_durable`` is moot: what PostgreSQL shows is committed.
         """
         store = self._store
@@ -67,15 +67,8 @@ class PgAdminView:
             if history is None:
                 rows = await (await conn.execute(sql.admin_groups, params)).fetchall()
                 return [self._from_groups_row(row, now, to_s) for row in rows]
-            async with conn.transaction():
-                await conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
-                rows = await (await conn.execute(sql.admin_groups, params)).fetchall()
-                result = []
-                for row in rows:
-                    one = await (await conn.execute(sql.admin_group, {**params, "grp": bytes(row[0])})).fetchone()
-                    assert one is not None
-                    result.append(self._from_group_row(group_from_bytes(row[0]), one, now, to_s, history))
-                return result
+            rows = await (await conn.execute(sql.admin_groups_history, params)).fetchall()
+            return [self._from_group_row(group_from_bytes(row[0]), row[1:], now, to_s, history) for row in rows]
 
         return await store._run(read)
 
@@ -216,16 +209,20 @@ class PgAdminView:
             return await (await conn.execute(statement, params)).fetchall()
 
         rows = await store._run(read)
-        _, scanned, last_s, last_ns, last_id, _, _ = rows[0]
         limit = key_of(now + 1, 0)
-        found = []
-        for _, _, nb_s, nb_ns, task_id, body, is_leased in rows[1 : page_size + 1]:
+        found: list[tuple[StoredTask, TaskState]] = []
+        bound: StoredTask | None = None  # the last candidate, when the scan bound was reached
+        for task_id, nb_s, nb_ns, is_leased, body, hit, number in rows:
             task = StoredTask(task_id, group, join_ns(nb_s, nb_ns), bytes(body), None)
-            found.append((task, _state(task.key, limit, is_leased)))
-        if len(rows) - 1 > page_size:
+            if hit:
+                found.append((task, _state(task.key, limit, is_leased)))
+            if number == MAX_SCAN_PER_PAGE:
+                bound = task
+        if len(found) > page_size:  # one more match exists: the page is full and there is a next one
+            del found[page_size:]
             return TaskPage(found, page_token_for(found[-1][0].key))
-        if scanned >= MAX_SCAN_PER_PAGE:  # the bound was reached: the next page goes on from there
-            return TaskPage(found, page_token_for(key_of(join_ns(last_s, last_ns), last_id)))
+        if bound is not None:  # the bound was reached: the next page goes on from there
+            return TaskPage(found, page_token_for(bound.key))
         return TaskPage(found, "")
 
     async def get_task(self, task_id: int, now: int) -> tuple[StoredTask, TaskState]:

@@ -321,50 +321,68 @@ LEFT JOIN LATERAL (
 ) head ON true
 """
 
-# A page of a group's tasks: at most `scan` candidates after the page token's key, within the state's
-# range of not_before, in queue order (tasks_queue, or tasks_errors for the error state); of those,
-# the first page+1 that pass the state's lease filter and the label selector, with their bodies. One
-# row of counts first (kind 0: candidates examined, and the last one's key), then the page (kind 1).
-_PAGE = """
-), hits AS (
-    SELECT id, nb_s, nb_ns, leased FROM candidates
-    WHERE (%(leased)b::bool IS NULL OR leased = %(leased)b::bool)
-        AND (%(labels)b::text[] IS NULL OR (labels IS NOT NULL AND labels @> %(labels)b::text[]))
-    ORDER BY nb_s, nb_ns, id LIMIT %(page)b
-), last AS (
-    SELECT nb_s, nb_ns, id FROM candidates ORDER BY nb_s DESC, nb_ns DESC, id DESC LIMIT 1
+# ADMIN_GROUPS with every group's whole kept history instead of the recent seconds (ListGroups asked
+# for history): group_history read whole (primary key order), as ADMIN_GROUP's arrays per group.
+ADMIN_GROUPS_HISTORY = """
+WITH sums AS (
+    SELECT grp, sum(n)::int8 AS n, sum(errors)::int8 AS errors, sum(created)::int8 AS created,
+        sum(owned)::int8 AS owned, sum(departed)::int8 AS departed
+    FROM {schema}.group_counts GROUP BY grp
+), kept AS (
+    SELECT grp, w, p, sum(c)::int8 AS c, sum(o)::int8 AS o, sum(d)::int8 AS d FROM (
+        SELECT grp, 1 AS w, at_s AS p, created AS c, owned AS o, departed AS d FROM {schema}.group_counts
+        WHERE at_s IS NOT NULL
+        UNION ALL
+        SELECT grp, width, period, created, owned, departed FROM {schema}.group_history
+    ) r GROUP BY grp, w, p
+), history AS (
+    SELECT grp, array_agg(w ORDER BY p, w DESC) AS w, array_agg(p ORDER BY p, w DESC) AS p,
+        array_agg(c ORDER BY p, w DESC) AS c, array_agg(o ORDER BY p, w DESC) AS o,
+        array_agg(d ORDER BY p, w DESC) AS d
+    FROM kept GROUP BY grp
 )
-SELECT 0, (SELECT count(*) FROM candidates), last.nb_s, last.nb_ns, last.id, NULL::bytea, NULL::bool
-FROM (SELECT 1) one LEFT JOIN last ON true
-UNION ALL
-SELECT 1, NULL, hits.nb_s, hits.nb_ns, hits.id, t.body, hits.leased
-FROM hits JOIN {schema}.tasks t ON t.id = hits.id
-ORDER BY 1, 3, 4, 5
+SELECT sums.grp, sums.n, sums.errors, sums.created, sums.owned, sums.departed, hidden.leased, hidden.n,
+    head.nb_s, head.nb_ns, history.w, history.p, history.c, history.o, history.d
+FROM sums
+LEFT JOIN history ON history.grp = sums.grp
+CROSS JOIN LATERAL (
+    SELECT count(*) FILTER (WHERE t.leased)::int8 AS leased, count(*)::int8 AS n FROM {schema}.tasks t
+    WHERE t.grp = sums.grp AND (t.nb_s, t.nb_ns) > (%(now_s)b::int8, %(now_ns)b::int4)
+) hidden
+LEFT JOIN LATERAL (
+    SELECT t.nb_s, t.nb_ns FROM {schema}.tasks t WHERE t.grp = sums.grp
+    ORDER BY t.grp, t.nb_s, t.nb_ns, t.id LIMIT 1
+) head ON true
+ORDER BY sums.grp
 """
 
-LIST_TASKS = (
-    """
-WITH candidates AS MATERIALIZED (
-    SELECT id, nb_s, nb_ns, leased, labels FROM {schema}.tasks
+# A page of a group's tasks: the candidates are at most `scan` tasks after the page token's key, within
+# the state's range of not_before, in queue order (tasks_queue, or tasks_errors for the error state),
+# numbered; a hit passes the state's lease filter and the label selector. Returned: the hits, and the
+# last candidate if the bound is reached, at most `page` rows. The scan streams: it stops as soon as
+# that many rows are found, so an unfiltered page reads page rows, a filtered one at most `scan`.
+_PAGE = """
+    ORDER BY grp, nb_s, nb_ns, id LIMIT %(scan)b
+) candidates
+WHERE hit OR rn = %(scan)b
+ORDER BY nb_s, nb_ns, id LIMIT %(page)b
+"""
+
+_CANDIDATES = """
+SELECT id, nb_s, nb_ns, leased, body, hit, rn FROM (
+    SELECT id, nb_s, nb_ns, leased, body,
+        (%(leased)b::bool IS NULL OR leased = %(leased)b::bool)
+            AND (%(labels)b::text[] IS NULL OR (labels IS NOT NULL AND labels @> %(labels)b::text[])) AS hit,
+        row_number() OVER (ORDER BY nb_s, nb_ns, id) AS rn
+    FROM {schema}.tasks
     WHERE grp = %(grp)b AND (nb_s, nb_ns, id) > (%(after_s)b::int8, %(after_ns)b::int4, %(after_id)b::int8)
         AND (nb_s, nb_ns) > (%(low_s)b::int8, %(low_ns)b::int4)
-        AND (nb_s, nb_ns) <= (%(high_s)b::int8, %(high_ns)b::int4)
-    ORDER BY grp, nb_s, nb_ns, id LIMIT %(scan)b"""
-    + _PAGE
-)
+        AND (nb_s, nb_ns) <= (%(high_s)b::int8, %(high_ns)b::int4)"""
+
+LIST_TASKS = _CANDIDATES + _PAGE
 
 # tasks_errors (partial: tasks with an error only), as LIST_TASKS.
-LIST_ERROR_TASKS = (
-    """
-WITH candidates AS MATERIALIZED (
-    SELECT id, nb_s, nb_ns, leased, labels FROM {schema}.tasks
-    WHERE grp = %(grp)b AND has_error
-        AND (nb_s, nb_ns, id) > (%(after_s)b::int8, %(after_ns)b::int4, %(after_id)b::int8)
-        AND (nb_s, nb_ns) > (%(low_s)b::int8, %(low_ns)b::int4)
-        AND (nb_s, nb_ns) <= (%(high_s)b::int8, %(high_ns)b::int4)
-    ORDER BY grp, nb_s, nb_ns, id LIMIT %(scan)b"""
-    + _PAGE
-)
+LIST_ERROR_TASKS = _CANDIDATES + " AND has_error" + _PAGE
 
 # tasks_pkey.
 GET_TASK = """
@@ -491,6 +509,7 @@ class Statements:
     group_stats: LiteralString
     admin_groups: LiteralString
     admin_group: LiteralString
+    admin_groups_history: LiteralString
     list_tasks: LiteralString
     list_error_tasks: LiteralString
     get_task: LiteralString
