@@ -673,8 +673,6 @@ def test_hot_statements_use_their_indexes(postgresql_dsn: str, postgresql_schema
                 assert "tasks_queue" in await plan(sql.admin_group, {**window, "grp": b"g3"})
                 page = {
                     **keyset,
-                    "low_s": -(2**63),
-                    "low_ns": 0,
                     "high_s": now_s,
                     "high_ns": 0,
                     "leased": None,

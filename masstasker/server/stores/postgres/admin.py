@@ -183,19 +183,18 @@ class PgAdminView:
             if not _INT8_MIN <= after_s <= _INT8_MAX or after_id > _MAX_ID:
                 return TaskPage((), "")  # beyond every key PostgreSQL can hold
         now_s, now_ns = split_ns(now)
-        low, high = (_INT8_MIN, 0), (_INT8_MAX, _LAST_NS)
+        start, high = (after_s, after_ns, after_id), (_INT8_MAX, _LAST_NS)
         leased: bool | None = None
         if state is TaskState.VISIBLE:
             high = (now_s, now_ns)
         elif state in (TaskState.LEASED, TaskState.SCHEDULED):
-            low, leased = (now_s, now_ns), state is TaskState.LEASED
+            # Tasks after now: keys above (now, the largest ID).
+            start, leased = max(start, (now_s, now_ns, _MAX_ID)), state is TaskState.LEASED
         params = {
             "grp": group_bytes(group),
-            "after_s": after_s,
-            "after_ns": after_ns,
-            "after_id": after_id,
-            "low_s": low[0],
-            "low_ns": low[1],
+            "after_s": start[0],
+            "after_ns": start[1],
+            "after_id": start[2],
             "high_s": high[0],
             "high_ns": high[1],
             "leased": leased,

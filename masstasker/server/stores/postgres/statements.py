@@ -356,8 +356,9 @@ LEFT JOIN LATERAL (
 ORDER BY sums.grp
 """
 
-# A page of a group's tasks: the candidates are at most `scan` tasks after the page token's key, within
-# the state's range of not_before, in queue order (tasks_queue, or tasks_errors for the error state),
+# A page of a group's tasks: the candidates are at most `scan` tasks after a key (the page token's, or
+# the state's lower bound: one row comparison, so that both bounds bound the index scan) and up to the
+# state's upper bound of not_before, in queue order (tasks_queue, or tasks_errors for the error state),
 # numbered; a hit passes the state's lease filter and the label selector. Returned: the hits, and the
 # last candidate if the bound is reached, at most `page` rows. The scan streams: it stops as soon as
 # that many rows are found, so an unfiltered page reads page rows, a filtered one at most `scan`.
@@ -376,7 +377,6 @@ SELECT id, nb_s, nb_ns, leased, body, hit, rn FROM (
         row_number() OVER (ORDER BY nb_s, nb_ns, id) AS rn
     FROM {schema}.tasks
     WHERE grp = %(grp)b AND (nb_s, nb_ns, id) > (%(after_s)b::int8, %(after_ns)b::int4, %(after_id)b::int8)
-        AND (nb_s, nb_ns) > (%(low_s)b::int8, %(low_ns)b::int4)
         AND (nb_s, nb_ns) <= (%(high_s)b::int8, %(high_ns)b::int4)"""
 
 LIST_TASKS = _CANDIDATES + _PAGE

@@ -230,7 +230,9 @@ class PostgresStore:
 
     async def _configure(self, conn: Conn) -> None:
         timeout_ms = max(1, round(self.options.statement_timeout * 1000))
-        await conn.execute(f"SET statement_timeout = {timeout_ms}")
+        # No JIT: every statement here is short, and on a large table the planner's cost estimates cross
+        # jit_above_cost, whose compilation (30 to 100 ms) would then dominate a statistics read.
+        await conn.execute(f"SET statement_timeout = {timeout_ms}; SET jit = off")
 
     # -- running statements ----------------------------------------------------------------
 
