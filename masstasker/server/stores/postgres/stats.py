@@ -85,6 +85,9 @@ def rates(
         return 0.0, 0.0, 0.0
     result = []
     for values in increments:
+        if not values or not any(values):  # never started: the estimator would say 0.0 too
+            result.append(0.0)
+            continue
         estimator = RateEstimator()
         for second, value in zip(seconds, values or (), strict=True):
             estimator.add(second, value)
