@@ -176,13 +176,14 @@ SELECT id, grp, nb_s, nb_ns, leased, labels, body, has_error FROM gone
 # No index read: one insert per row (tasks_pkey, tasks_queue, and tasks_labels for labelled
 # tasks). nextval() runs in ORDER BY order, so IDs increase in request order. A task's labels
 # arrive as one space-separated string: arrays of arrays must be rectangular, label sets are not.
-# Python says which rows carry a lease over and which have an error, and, per group, how many of
+# Python says which rows carry a lease over and which have an error (NULL arrays when none does: unnest
+# pads them with NULLs, read as false, and a plain create sends no flags), and, per group, how many of
 # the created rows rewrite a task this transaction removed (neither created nor departed: the
 # deletion counted them as departed, this row takes that back) and how many an owning Query owned.
 INSERT_TASKS = """
 WITH new AS (
     INSERT INTO {schema}.tasks (id, grp, nb_s, nb_ns, body, labels, leased, has_error)
-    SELECT nextval('{schema}.task_ids'), g, s, ns, b, string_to_array(l, ' '), le, e
+    SELECT nextval('{schema}.task_ids'), g, s, ns, b, string_to_array(l, ' '), coalesce(le, false), coalesce(e, false)
     FROM unnest(
         %(groups)b::bytea[], %(nb_s)b::int8[], %(nb_ns)b::int4[], %(bodies)b::bytea[], %(labels)b::text[],
         %(leased)b::bool[], %(errors)b::bool[]

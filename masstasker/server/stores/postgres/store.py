@@ -684,8 +684,9 @@ class PostgresStore:
                 "nb_ns": columns[2],
                 "bodies": columns[3],
                 "labels": columns[4],
-                "errors": columns[5],
-                "leased": leased if leased is not None else [False] * len(rows),
+                # None when no row has the flag: most creates have neither, and an array costs per row.
+                "errors": columns[5] if any(columns[5]) else None,
+                "leased": leased if leased is not None and any(leased) else None,
                 "pair_groups": pair_groups,
                 "rewrites": [(paired or {}).get(g, 0) for g in pair_groups],
                 "owned": [(owned or {}).get(g, 0) for g in pair_groups],
