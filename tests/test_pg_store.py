@@ -666,6 +666,7 @@ def test_hot_statements_use_their_indexes(postgresql_dsn: str, postgresql_schema
                 assert "tasks_pkey" in await plan(sql.debug_all, {"limit": 10})
                 assert "tasks_queue" in await plan(sql.group_stats, {"now_s": now_s, "now_ns": now_ns})
                 assert "tasks_pkey" in await plan(sql.delete_by_ids, {"ids": [1, 2], "at_s": 0})
+                assert "tasks_pkey" in await plan(sql.delete_one, {"id": 1, "at_s": 0})
                 assert "tasks_labels" in await plan(sql.delete_by_labels, {"labels": ["6e:35"], "at_s": 0})
                 # The admin API: statistics probe tasks_queue per group, listings walk an index from the token.
                 window = {"now_s": now_s, "now_ns": now_ns, "from_s": now_s - 300, "to_s": now_s}

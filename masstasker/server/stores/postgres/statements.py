@@ -115,6 +115,18 @@ WITH gone AS (
 SELECT id, grp, nb_s, nb_ns, leased, labels FROM gone
 """
 
+# tasks_pkey. A lease's commit (an Update deleting one ID and nothing else): as DELETE_BY_IDS, returning
+# only whether the row was there (nothing to pair it with).
+DELETE_ONE = """
+WITH gone AS (
+    DELETE FROM {schema}.tasks WHERE id = %(id)b::int8 RETURNING grp, has_error
+), counted AS (
+    INSERT INTO {schema}.group_counts (grp, n, errors, departed, at_s)
+    SELECT grp, -1, -count(*) FILTER (WHERE has_error), 1, %(at_s)b::int8 FROM gone GROUP BY grp
+)
+SELECT count(*) FROM gone
+"""
+
 # tasks_queue (leading column grp).
 DELETE_BY_GROUPS = """
 WITH gone AS (
@@ -498,6 +510,7 @@ class Statements:
     give_back: LiteralString
     lock_predicates: LiteralString
     delete_by_ids: LiteralString
+    delete_one: LiteralString
     delete_by_groups: LiteralString
     delete_by_labels: LiteralString
     take_by_ids: LiteralString

@@ -585,8 +585,9 @@ class PostgresStore:
             raise NotFound(f"task {task_id} does not exist")
 
         async def apply(conn: Conn) -> list[int]:
-            cur = await conn.execute(self._sql.delete_by_ids, {"ids": [task_id], "at_s": at_s})
-            if not await cur.fetchall():
+            cur = await conn.execute(self._sql.delete_one, {"id": task_id, "at_s": at_s})
+            row = await cur.fetchone()
+            if row is None or not row[0]:
                 raise NotFound(f"task {task_id} does not exist")
             return []
 
