@@ -1,13 +1,15 @@
 """Fixtures for the server's own tests: a real server on 127.0.0.1 and a raw stub, on either store.
 
-The server, waiting, client and example tests run once per store: in memory,
-and on PostgreSQL (a throwaway cluster, a fresh schema per test). A test that
-looks at the in-memory store's internals says so with
-``@pytest.mark.memory_only("why")``. Every other module runs in memory only.
+The server, waiting, client, example and operator (admin API, CLI, dashboard)
+tests run once per store: in memory, and on PostgreSQL (a throwaway cluster, a
+fresh schema per test). A test that looks at the in-memory store's internals
+says so with ``@pytest.mark.memory_only("why")``. Every other module runs in
+memory only.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -19,7 +21,17 @@ from masstasker.server import BackgroundServer, Settings
 from masstasker.testing import store_settings
 
 # The modules whose tests run on both stores (issue 11: the same tests, not a copy of them).
-BOTH_STORES = {"test_server", "test_waiting", "test_client", "test_client_lease", "test_example"}
+BOTH_STORES = {
+    "test_server",
+    "test_waiting",
+    "test_client",
+    "test_client_lease",
+    "test_example",
+    "test_admin",
+    "test_operator_cli",
+    "test_dashboard",
+    "test_admin_model",
+}
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -50,18 +62,21 @@ def masstasker_store(store_kind: str, request: pytest.FixtureRequest) -> str:
 
 @pytest.fixture
 def make_server(masstasker_store: str) -> Iterator[Callable[..., BackgroundServer]]:
-    """Factory: ``make_server(**settings)`` starts a server on a free loopback port, on this test's store."""
+    """Factory: ``make_server(**settings)`` starts a server on a free loopback port, on this test's store.
+
+    ``clock`` (keyword): the server's clock, for tests that move time by hand.
+    """
     started: list[BackgroundServer] = []
     stores: list[Any] = []
 
-    def make(**overrides: object) -> BackgroundServer:
+    def make(clock: Callable[[], int] = time.time_ns, **overrides: object) -> BackgroundServer:
         context = store_settings(masstasker_store)
         stores.append(context)
         for name, value in context.__enter__().items():
             overrides.setdefault(name, value)
         overrides.setdefault("port", 0)
         overrides.setdefault("listen_http", "")
-        server = BackgroundServer(Settings(**overrides))  # type: ignore[arg-type]
+        server = BackgroundServer(Settings(**overrides), clock=clock)  # type: ignore[arg-type]
         server.start()
         started.append(server)
         return server

@@ -17,7 +17,7 @@ from masstasker._pb import masstasker_admin_pb2 as apb
 from masstasker._pb import masstasker_admin_pb2_grpc as apb_grpc
 from masstasker._pb import masstasker_pb2 as pb
 from masstasker._pb import masstasker_pb2_grpc as pb_grpc
-from masstasker.server import BackgroundServer, Settings
+from masstasker.server import BackgroundServer
 
 TIMEOUT = 10.0
 S = 1_000_000_000
@@ -37,9 +37,8 @@ def clock() -> HandClock:
 
 
 @pytest.fixture
-def clocked(clock: HandClock) -> Iterator[BackgroundServer]:
-    with BackgroundServer(Settings(port=0, listen_http="127.0.0.1:0"), clock=clock) as server:
-        yield server
+def clocked(clock: HandClock, make_server: Callable[..., BackgroundServer]) -> BackgroundServer:
+    return make_server(clock=clock, listen_http="127.0.0.1:0")
 
 
 @pytest.fixture
@@ -239,29 +238,6 @@ def test_admin_calls_go_over_tls_only(make_server: Callable[..., BackgroundServe
     credentials = grpc.ssl_channel_credentials(root_certificates=pki.ca.cert)
     with grpc.secure_channel(server.target, credentials) as secure:
         assert apb_grpc.AdminStub(secure).ListGroups(apb.ListGroupsRequest(), timeout=TIMEOUT).HasField("now")
-
-
-# -- a store that keeps no statistics ---------------------------------------------------------------------------
-
-
-def test_a_postgresql_store_answers_unimplemented_and_keeps_its_size_metrics(
-    make_server: Callable[..., BackgroundServer], request: pytest.FixtureRequest
-) -> None:
-    """The PostgreSQL store keeps no per-group statistics yet: say so, never answer made-up numbers."""
-    pytest.importorskip("psycopg")
-    dsn = request.getfixturevalue("postgresql_dsn")
-    schema = request.getfixturevalue("postgresql_schema")
-    server = make_server(store=dsn, store_schema=schema, listen_http="127.0.0.1:0")
-    with grpc.insecure_channel(server.target) as channel:
-        pb_grpc.MassTaskerStub(channel).Update(pb.UpdateRequest(created=[pb.Task(group="pg")]), timeout=TIMEOUT)
-        code, details = code_of(
-            lambda: apb_grpc.AdminStub(channel).ListGroups(apb.ListGroupsRequest(), timeout=TIMEOUT)
-        )
-    assert code == grpc.StatusCode.UNIMPLEMENTED and "PostgreSQL" in details, details
-    port = server.server.http_port  # type: ignore[union-attr]
-    page = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=TIMEOUT).read().decode()
-    assert 'masstasker_num_tasks{group="pg"} 1.0' in page
-    assert "masstasker_leased_tasks" not in page
 
 
 # -- the Grafana dashboard shipped in docs/ -----------------------------------------------------------------------

@@ -100,9 +100,8 @@ def open_page(
 
 
 @pytest.fixture
-def server() -> Iterator[BackgroundServer]:
-    with run_server(listen_http="127.0.0.1:0", dashboard="read-write") as srv:
-        yield srv
+def server(make_server: Callable[..., BackgroundServer]) -> BackgroundServer:
+    return make_server(listen_http="127.0.0.1:0", dashboard="read-write")
 
 
 @pytest.fixture
@@ -196,10 +195,9 @@ def test_group_actions_ask_for_confirmation(server: BackgroundServer, client: Cl
 
 
 @pytest.fixture
-def token_server(tmp_path: Path) -> Iterator[BackgroundServer]:
+def token_server(tmp_path: Path, make_server: Callable[..., BackgroundServer]) -> BackgroundServer:
     (tmp_path / "tokens").write_text("dash-token\n")
-    with run_server(listen_http="127.0.0.1:0", dashboard="read-write", auth_token_file=str(tmp_path / "tokens")) as srv:
-        yield srv
+    return make_server(listen_http="127.0.0.1:0", dashboard="read-write", auth_token_file=str(tmp_path / "tokens"))
 
 
 def test_with_tokens_actions_are_refused_without_the_token(token_server: BackgroundServer, open_page: Any) -> None:
@@ -242,8 +240,9 @@ def _post(server: BackgroundServer, path: str, body: dict[str, Any], **headers: 
         return error.code, json.loads(error.read())
 
 
-def test_read_only_dashboard_refuses_actions() -> None:
-    with run_server(listen_http="127.0.0.1:0") as server, Client(server.target) as client:
+def test_read_only_dashboard_refuses_actions(make_server: Callable[..., BackgroundServer]) -> None:
+    server = make_server(listen_http="127.0.0.1:0")
+    with Client(server.target) as client:
         task = new_task("ro")
         client.create(task)
         status, body = _post(server, "/api/delete", {"ids": [task.id]})

@@ -11,7 +11,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -58,9 +58,8 @@ def ok_json(target: str, *args: str) -> Any:
 
 
 @pytest.fixture
-def server() -> Iterator[BackgroundServer]:
-    with run_server() as srv:
-        yield srv
+def server(make_server: Callable[..., BackgroundServer]) -> BackgroundServer:
+    return make_server()
 
 
 @pytest.fixture
@@ -332,10 +331,9 @@ def test_unreachable_server_exits_3_with_a_clear_message() -> None:
 
 
 @pytest.fixture
-def token_server(tmp_path: Path) -> Iterator[BackgroundServer]:
+def token_server(tmp_path: Path, make_server: Callable[..., BackgroundServer]) -> BackgroundServer:
     (tmp_path / "tokens").write_text("right-token\n")
-    with run_server(auth_token_file=str(tmp_path / "tokens")) as srv:
-        yield srv
+    return make_server(auth_token_file=str(tmp_path / "tokens"))
 
 
 @pytest.mark.parametrize("command", [["groups"], ["put", "g"], ["wait-empty", "g", "--timeout", "1"]])

@@ -119,12 +119,12 @@ def test_a_predicate_is_held_until_the_update_commits(postgresql_dsn: str, postg
                 await deleter.execute("SET lock_timeout = '300ms'")
                 delete = render(postgresql_schema).delete_by_ids
                 with pytest.raises(psycopg.errors.LockNotAvailable):
-                    await deleter.execute(delete, {"ids": [pred]})
+                    await deleter.execute(delete, {"ids": [pred], "at_s": 0})
                 await blocker.execute("ROLLBACK")
                 assert len(await update) == 1
                 # The predicate survived the Update and is deletable now that it committed.
-                cur = await deleter.execute(delete, {"ids": [pred]})
-                assert await cur.fetchall() == [(pred,)]
+                cur = await deleter.execute(delete, {"ids": [pred], "at_s": 0})
+                assert [row[0] for row in await cur.fetchall()] == [pred]
 
     run(scenario())
 
@@ -138,7 +138,7 @@ def test_a_predicate_deleted_concurrently_fails_the_update(postgresql_dsn: str, 
             async with raw(postgresql_dsn) as deleter:
                 await deleter.execute("BEGIN")
                 # The statement another server's Update would run to delete it.
-                await deleter.execute(render(postgresql_schema).delete_by_ids, {"ids": [pred]})
+                await deleter.execute(render(postgresql_schema).delete_by_ids, {"ids": [pred], "at_s": 0})
                 update = asyncio.create_task(store.update([spec("result")], [IdRef(other)], [pred]))
                 await _wait_until_blocked(postgresql_dsn)
                 await deleter.execute("COMMIT")
@@ -291,7 +291,7 @@ def test_hostile_strings_round_trip_byte_for_byte(postgresql_dsn: str, postgresq
                 assert await store.debug(text, 0) == ([], 0)
             assert (await store.debug("", 0))[1] == 0
             tables = await _table_names(postgresql_dsn, postgresql_schema)
-            assert tables == {"tasks", "group_counts", "schema_version"}
+            assert tables == {"tasks", "group_counts", "group_history", "schema_version"}
 
     run(scenario())
 
@@ -310,7 +310,12 @@ def test_a_hostile_schema_name_is_quoted(postgresql_dsn: str, postgresql_schema:
             async with opened(postgresql_dsn, name) as store:
                 (task_id,) = await store.update([spec("g")])
                 assert [t.id for t in (await store.debug("g", 0))[0]] == [task_id]
-            assert await _table_names(postgresql_dsn, name) == {"tasks", "group_counts", "schema_version"}
+            assert await _table_names(postgresql_dsn, name) == {
+                "tasks",
+                "group_counts",
+                "group_history",
+                "schema_version",
+            }
         finally:
             async with raw(postgresql_dsn) as conn:
                 await conn.execute(f"DROP SCHEMA IF EXISTS {quote_ident(name)} CASCADE")
@@ -348,6 +353,57 @@ def test_an_older_schema_is_upgraded_in_place_with_its_tasks(postgresql_dsn: str
             stats, total = await store.group_stats(time.time_ns())
             assert stats == {"g0": (10, 10), "g1": (10, 10), "g2": (10, 10)} and total == 30
             assert await store.update([spec("g0")]) == [31]
+
+    run(scenario())
+
+
+# Bodies for the error flag: an error, none, an empty one, a later empty one winning, 0x32 bytes that are
+# not the error field (inside data, in a varint, in an unknown group), attempts first.
+ERROR_BODIES = [
+    (b"", False),
+    (with_error(b"", "boom"), True),
+    (encode(5, with_error(b"\x1a\x03abc", "x")), True),
+    (b"\x32\x00", False),
+    (with_error(b"", "boom") + b"\x32\x00", False),
+    (b"\x32\x00" + with_error(b"", "late"), True),
+    (b"\x1a\x032\x32\x32", False),
+    (b"\x08\x32", False),
+    (b"\x0b\x32\x01z\x0c", False),
+    (encode(200, b"\x1a\x01\x32"), False),
+]
+
+
+def test_the_upgrade_to_statistics_flags_existing_errors(postgresql_dsn: str, postgresql_schema: str) -> None:
+    """Version 3 had no error flags: the upgrade's SQL walker agrees with body.py on every body."""
+
+    async def scenario() -> None:
+        async with raw(postgresql_dsn) as conn:
+            await schema.migrate(conn, postgresql_schema, target=3)
+            table = f"{quote_ident(postgresql_schema)}.tasks"
+            for i, (body, _) in enumerate(ERROR_BODIES, start=1):
+                await conn.execute(
+                    f"INSERT INTO {table} (id, grp, nb_s, nb_ns, body) VALUES (%s, %s, 0, 0, %s)",
+                    (i, b"g" + bytes([48 + i % 2]), body),
+                )
+                # As version 3's own statements did: one count row per change.
+                await conn.execute(
+                    f"INSERT INTO {quote_ident(postgresql_schema)}.group_counts (grp, n) VALUES (%s, 1)",
+                    (b"g" + bytes([48 + i % 2]),),
+                )
+            await conn.execute(f"SELECT setval('{quote_ident(postgresql_schema)}.task_ids', %s)", (len(ERROR_BODIES),))
+        async with opened(postgresql_dsn, postgresql_schema) as store:
+            assert store.schema_version == schema.SchemaVersion(3, schema.LATEST)
+            async with raw(postgresql_dsn) as conn:
+                cur = await conn.execute(f"SELECT id, has_error FROM {table} ORDER BY id")
+                flags = [flag for _, flag in await cur.fetchall()]
+            assert flags == [expected for _, expected in ERROR_BODIES]
+            assert [error_of(body) != "" for body, _ in ERROR_BODIES] == flags  # the table is right too
+            stats = {s.group: s for s in await store.admin.group_stats(time.time_ns())}
+            for group in ("g0", "g1"):
+                parity = int(group[1])
+                wanted = sum(e for i, (_, e) in enumerate(ERROR_BODIES, start=1) if i % 2 == parity)
+                assert (stats[group].errors, stats[group].created) == (wanted, 0)
+            await store.check()
 
     run(scenario())
 
@@ -585,7 +641,15 @@ def test_hot_statements_use_their_indexes(postgresql_dsn: str, postgresql_schema
                 )
             sql = render(postgresql_schema)
             now_s, now_ns = divmod(time.time_ns(), SECOND)
-            params = {"grp": b"g3", "now_s": now_s, "now_ns": now_ns, "n": 1, "until_s": now_s + 60, "until_ns": 0}
+            params = {
+                "grp": b"g3",
+                "now_s": now_s,
+                "now_ns": now_ns,
+                "n": 1,
+                "until_s": now_s + 60,
+                "until_ns": 0,
+                "at_s": now_s,
+            }
             async with raw(postgresql_dsn) as conn:
                 await conn.execute(f"ANALYZE {quote_ident(postgresql_schema)}.tasks")
 
@@ -601,8 +665,25 @@ def test_hot_statements_use_their_indexes(postgresql_dsn: str, postgresql_schema
                 assert "tasks_queue" in await plan(sql.debug_group, {"grp": b"g3", "limit": 10})
                 assert "tasks_pkey" in await plan(sql.debug_all, {"limit": 10})
                 assert "tasks_queue" in await plan(sql.group_stats, {"now_s": now_s, "now_ns": now_ns})
-                assert "tasks_pkey" in await plan(sql.delete_by_ids, {"ids": [1, 2]})
-                assert "tasks_labels" in await plan(sql.delete_by_labels, {"labels": ["6e:35"]})
+                assert "tasks_pkey" in await plan(sql.delete_by_ids, {"ids": [1, 2], "at_s": 0})
+                assert "tasks_pkey" in await plan(sql.delete_one, {"id": 1, "at_s": 0})
+                assert "tasks_labels" in await plan(sql.delete_by_labels, {"labels": ["6e:35"], "at_s": 0})
+                # The admin API: statistics probe tasks_queue per group, listings walk an index from the token.
+                window = {"now_s": now_s, "now_ns": now_ns, "from_s": now_s - 300, "to_s": now_s}
+                assert "tasks_queue" in await plan(sql.admin_groups, window)
+                assert "tasks_queue" in await plan(sql.admin_group, {**window, "grp": b"g3"})
+                page = {
+                    **keyset,
+                    "high_s": now_s,
+                    "high_ns": 0,
+                    "leased": None,
+                    "labels": None,
+                    "scan": 20_000,
+                    "page": 101,
+                }
+                assert "tasks_queue" in await plan(sql.list_tasks, page)
+                assert "tasks_errors" in await plan(sql.list_error_tasks, page)
+                assert "tasks_pkey" in await plan(sql.get_task, {"id": 5})
 
     run(scenario(), timeout=120)
 

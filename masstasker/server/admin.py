@@ -4,8 +4,8 @@ A thin layer: requests are validated and turned into calls on the store's
 :class:`~masstasker.server.stats.AdminView` (its statistics and listings),
 and the values it returns into admin messages. Like the MassTasker servicer
 it takes and returns raw bytes, so a request that does not parse is
-INVALID_ARGUMENT. A store that keeps no statistics (``admin`` None) answers
-UNIMPLEMENTED. Tokens and TLS apply to it as to every service of the server
+INVALID_ARGUMENT. Every store keeps the statistics (in memory and on
+PostgreSQL). Tokens and TLS apply to it as to every service of the server
 (they are the server's, not a servicer's).
 """
 
@@ -92,18 +92,16 @@ class AdminService:
 
     def __init__(
         self,
-        view: AdminView | None,
+        view: AdminView,
         limits: Limits,
         metrics: RpcMetrics,
         *,
         clock: Callable[[], int] = time.time_ns,
-        store_name: str = "this store",
     ) -> None:
         self._view = view
         self._limits = limits
         self._metrics = metrics
         self._clock = clock
-        self._store_name = store_name
 
     def handler(self) -> grpc.GenericRpcHandler:  # type: ignore[type-arg]
         """The generic handler to register with a server."""
@@ -121,17 +119,9 @@ class AdminService:
     def _wrap(self, method: str, fn: Callable[[bytes], Awaitable[bytes]]) -> Handler:
         """Status codes and metrics around one RPC."""
         observe = self._metrics.observer(f"admin.{method}")
-        unimplemented = (
-            f"the admin API needs per-group statistics, which {self._store_name} does not keep"
-            if self._view is None
-            else None
-        )
 
         async def handle(data: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
             start = time.perf_counter()
-            if unimplemented is not None:
-                observe("UNIMPLEMENTED", time.perf_counter() - start)
-                await context.abort(grpc.StatusCode.UNIMPLEMENTED, unimplemented)
             try:
                 response = await fn(data)
             except Exception as exc:
@@ -148,10 +138,6 @@ class AdminService:
 
         return handle
 
-    def _view_(self) -> AdminView:
-        assert self._view is not None  # _wrap answers UNIMPLEMENTED before any handler runs without one
-        return self._view
-
     async def list_groups(self, data: bytes) -> bytes:
         """ListGroups: every group with its statistics."""
         request = _parse(apb.ListGroupsRequest, data)
@@ -160,7 +146,7 @@ class AdminService:
         response = apb.ListGroupsResponse()
         response.now.FromNanoseconds(now)
         add = response.groups.add
-        for stats in await self._view_().group_stats(now, history):
+        for stats in await self._view.group_stats(now, history):
             fill_stats(add(), stats)
         return response.SerializeToString()
 
@@ -172,7 +158,7 @@ class AdminService:
         now = self._clock()
         response = apb.GetGroupResponse()
         response.now.FromNanoseconds(now)
-        fill_stats(response.group, await self._view_().one_group_stats(request.group, now, history))
+        fill_stats(response.group, await self._view.one_group_stats(request.group, now, history))
         return response.SerializeToString()
 
     async def list_tasks(self, data: bytes) -> bytes:
@@ -186,7 +172,7 @@ class AdminService:
             raise BadRequest(f"state {request.state} is not a TaskState")
         page_size = min(request.page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
         now = self._clock()
-        page = await self._view_().list_tasks(
+        page = await self._view.list_tasks(
             request.group,
             now,
             state=TaskState(request.state),
@@ -207,7 +193,7 @@ class AdminService:
         """GetTask: one task by ID, with its state."""
         request = _parse(apb.GetTaskRequest, data)
         now = self._clock()
-        task, state = await self._view_().get_task(request.id, now)
+        task, state = await self._view.get_task(request.id, now)
         response = apb.GetTaskResponse(state=int(state))  # type: ignore[arg-type]
         fill_task(response.task, task)
         response.now.FromNanoseconds(now)

@@ -170,12 +170,10 @@ class Server:
 
 def _group_stats(store: TaskStore, clock: Callable[[], int]) -> Callable[[], Coroutine[Any, Any, StoreReading]]:
     async def read() -> StoreReading:
-        if store.admin is not None:  # every statistic, from the store's incremental state
-            # No wait for durability: metrics must go on working after it is lost.
-            groups = await store.admin.group_stats(clock(), wait_durable=False)
-            return groups, store.waiters.count, await store.size()
-        stats, total = await store.group_stats(clock())
-        return stats, store.waiters.count, total
+        # Every statistic from the store's incremental state, in one read (one statement on PostgreSQL);
+        # no wait for durability: metrics must go on working after it is lost.
+        groups = await store.admin.group_stats(clock(), wait_durable=False)
+        return groups, store.waiters.count, sum(stats.total for stats in groups)
 
     return read
 
@@ -289,7 +287,7 @@ async def start(settings: Settings, *, clock: Callable[[], int] = time.time_ns) 
         store.register_metrics(registry)
         metrics = RpcMetrics(registry)
         service = MassTaskerService(store, admission, settings, metrics, clock=clock)
-        admin = AdminService(store.admin, Limits(settings), metrics, clock=clock, store_name=store.name)
+        admin = AdminService(store.admin, Limits(settings), metrics, clock=clock)
         grpc_server, health_servicer = _grpc_server(settings, (service, admin), admission, tokens)
         host, port = _bind(grpc_server, settings.rpc_address, credentials)
         await _bootstrap(settings, store)

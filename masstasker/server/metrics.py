@@ -22,9 +22,8 @@ from masstasker.server.stats import GroupStats
 
 __all__ = ["GROUP_METRICS", "RpcMetrics", "StoreCollector", "StoreReading"]
 
-#: What a scrape reads: every group's statistics (or, from a store that keeps none, each
-#: group's (size, visible) only), the waiting Queries, the tasks in the store.
-StoreReading = tuple[Sequence[GroupStats] | dict[str, tuple[int, int]], int, int]
+#: What a scrape reads: every group's statistics, the waiting Queries, the tasks in the store.
+StoreReading = tuple[Sequence[GroupStats], int, int]
 
 #: The per-group metrics, as exposed (counters with their ``_total``), with their help text.
 GROUP_METRICS = {
@@ -121,9 +120,6 @@ class StoreCollector(Collector):
         groups, waiting, total = asyncio.run_coroutine_threadsafe(self._read(), self._loop).result(_SCRAPE_TIMEOUT)
         yield GaugeMetricFamily("masstasker_tasks", "Tasks in the store", value=total)
         yield GaugeMetricFamily("masstasker_waiting_queries", "Queries waiting for a task", value=waiting)
-        if isinstance(groups, dict):
-            yield from self._sizes_only(groups)
-            return
         num, visible, leased, scheduled, errors, age, eta = (_gauge(name) for name in list(GROUP_METRICS)[:7])
         created, owned, departed = (_counter(name) for name in list(GROUP_METRICS)[7:])
         for stats in groups:
@@ -141,12 +137,3 @@ class StoreCollector(Collector):
             owned.add_metric(labels, stats.owned)
             departed.add_metric(labels, stats.departed)
         yield from (num, visible, leased, scheduled, errors, age, eta, created, owned, departed)
-
-    @staticmethod
-    def _sizes_only(groups: dict[str, tuple[int, int]]) -> Iterator[Any]:
-        num, visible = _gauge("masstasker_num_tasks"), _gauge("masstasker_visible_tasks")
-        for group, (size, seen) in sorted(groups.items()):
-            num.add_metric([group], size)
-            visible.add_metric([group], seen)
-        yield num
-        yield visible

@@ -87,8 +87,8 @@ class TaskStore(Protocol):
     name: str
 
     @property
-    def admin(self) -> AdminView | None:
-        """Per-group statistics and listings for the admin API and the metrics; None if the store keeps none."""
+    def admin(self) -> AdminView:
+        """Per-group statistics and listings for the admin API and the metrics."""
         ...
 
     @property

@@ -95,6 +95,98 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         END
         $$""",
     ),
+    # 4: group statistics (issue 12): per task, whether it carries a lease and whether it has an error;
+    # per group, the error count and the created/owned/departed counters as delta columns of
+    # group_counts (at_s: the second of the change; NULL on compacted base rows), their history, and
+    # when the counters began. Tasks leased before this upgrade count as scheduled until they expire.
+    (
+        "ALTER TABLE {schema}.tasks ADD COLUMN leased boolean NOT NULL DEFAULT false, "
+        "ADD COLUMN has_error boolean NOT NULL DEFAULT false",
+        # Whether a body (masstasker.server.body: a serialized Task without id, group and not_before)
+        # has a non-empty error, field 6 (tag 0x32), the last occurrence winning, as error_of reads it.
+        # Only the upgrade of existing rows uses it: new rows get the flag from the server.
+        """CREATE FUNCTION {schema}.body_has_error(body bytea) RETURNS boolean
+        LANGUAGE plpgsql IMMUTABLE STRICT PARALLEL SAFE AS $$
+        DECLARE
+            size integer := length(body);
+            i integer := 0;
+            b integer;
+            shift integer;
+            tag bigint;
+            len bigint;
+            depth integer := 0;  -- inside a (proto2) group: its fields are not the task's
+            found boolean := false;
+        BEGIN
+            WHILE i < size LOOP
+                tag := 0;
+                shift := 0;
+                LOOP
+                    IF i >= size OR shift > 56 THEN RETURN false; END IF;  -- malformed (never a real body)
+                    b := get_byte(body, i);
+                    i := i + 1;
+                    tag := tag | ((b & 127)::bigint << shift);
+                    EXIT WHEN b < 128;
+                    shift := shift + 7;
+                END LOOP;
+                CASE tag & 7
+                    WHEN 0 THEN
+                        LOOP
+                            IF i >= size THEN RETURN false; END IF;
+                            b := get_byte(body, i);
+                            i := i + 1;
+                            EXIT WHEN b < 128;
+                        END LOOP;
+                    WHEN 1 THEN i := i + 8;
+                    WHEN 5 THEN i := i + 4;
+                    WHEN 2 THEN
+                        len := 0;
+                        shift := 0;
+                        LOOP
+                            IF i >= size OR shift > 56 THEN RETURN false; END IF;
+                            b := get_byte(body, i);
+                            i := i + 1;
+                            len := len | ((b & 127)::bigint << shift);
+                            EXIT WHEN b < 128;
+                            shift := shift + 7;
+                        END LOOP;
+                        IF len > size - i THEN RETURN false; END IF;
+                        IF tag = 50 AND depth = 0 THEN found := len > 0; END IF;
+                        i := i + len::integer;
+                    WHEN 3 THEN depth := depth + 1;
+                    WHEN 4 THEN depth := depth - 1;
+                    ELSE RETURN false;
+                END CASE;
+                IF i > size THEN RETURN false; END IF;
+            END LOOP;
+            RETURN found;
+        END
+        $$""",
+        # A body without the byte 0x32 has no error field: only the others are walked.
+        "UPDATE {schema}.tasks SET has_error = true "
+        "WHERE position('\\x32'::bytea IN body) > 0 AND {schema}.body_has_error(body)",
+        "ALTER TABLE {schema}.group_counts ADD COLUMN errors bigint NOT NULL DEFAULT 0, "
+        "ADD COLUMN created bigint NOT NULL DEFAULT 0, ADD COLUMN owned bigint NOT NULL DEFAULT 0, "
+        "ADD COLUMN departed bigint NOT NULL DEFAULT 0, ADD COLUMN at_s bigint",
+        "INSERT INTO {schema}.group_counts (grp, n, errors) "
+        "SELECT grp, 0, count(*) FROM {schema}.tasks WHERE has_error GROUP BY grp",
+        # ListTasks with the error state reads only the tasks with an error, in queue order.
+        "CREATE INDEX tasks_errors ON {schema}.tasks (grp, nb_s, nb_ns, id) WHERE has_error",
+        # width 1: a second's increments (kept an hour); width 60: a minute's (kept a day), period
+        # being its first second.
+        """CREATE TABLE {schema}.group_history (
+            grp bytea NOT NULL,
+            width integer NOT NULL CHECK (width IN (1, 60)),
+            period bigint NOT NULL,
+            created bigint NOT NULL,
+            owned bigint NOT NULL,
+            departed bigint NOT NULL,
+            PRIMARY KEY (grp, width, period)
+        )""",
+        # The rates of every group read the last minutes of per-second rows; trimming reads the oldest.
+        "CREATE INDEX group_history_recent ON {schema}.group_history (width, period)",
+        # Set by the first server that opens the schema at this version, on its clock.
+        "ALTER TABLE {schema}.schema_version ADD COLUMN stats_since bigint",
+    ),
 )
 
 LATEST = len(MIGRATIONS)
@@ -156,6 +248,15 @@ async def migrate(conn: psycopg.AsyncConnection[Any], schema: str, *, target: in
         elif now != found:
             await conn.execute(f"UPDATE {quoted}.schema_version SET version = %s", (now,))
     return SchemaVersion(found, now)
+
+
+async def stats_since(conn: psycopg.AsyncConnection[Any], schema: str, now: int) -> int:
+    """When the schema's counters began (ns since the epoch): ``now`` if no server said so before."""
+    quoted = quote_schema(schema)
+    await conn.execute(f"UPDATE {quoted}.schema_version SET stats_since = %s WHERE stats_since IS NULL", (now,))
+    row = await (await conn.execute(f"SELECT stats_since FROM {quoted}.schema_version")).fetchone()
+    assert row is not None
+    return int(row[0])
 
 
 async def claim_bootstrap(conn: psycopg.AsyncConnection[Any], schema: str) -> bool:

@@ -26,6 +26,7 @@ from prometheus_client.registry import Collector
 from psycopg import errors
 
 from masstasker.server.body import attempts_of, owned_once_more, parked_body
+from masstasker.server.counters import MINUTES_KEPT, SECONDS_KEPT
 from masstasker.server.stores.base import (
     BadRequest,
     DeadLetter,
@@ -41,7 +42,9 @@ from masstasker.server.stores.base import (
     TaskSpec,
     check_dead_letter,
 )
+from masstasker.server.stores.memory.stats import body_has_error
 from masstasker.server.stores.postgres import schema
+from masstasker.server.stores.postgres.admin import PgAdminView
 from masstasker.server.stores.postgres.codec import (
     group_bytes,
     group_from_bytes,
@@ -55,6 +58,7 @@ from masstasker.server.stores.postgres.connection import PgConnection
 from masstasker.server.stores.postgres.listener import Listener
 from masstasker.server.stores.postgres.options import POLL_ONLY_INTERVAL, PgOptions, masked
 from masstasker.server.stores.postgres.statements import Statements, render
+from masstasker.server.stores.postgres.stats import carried_leases, pairs
 from masstasker.server.stores.postgres.waiting import PgWaiters
 
 __all__ = ["PostgresStore"]
@@ -68,12 +72,21 @@ Conn = PgConnection
 _MAX_ID = 2**63 - 1
 # Deadlocks and serialization failures are retried this many times before giving up (UNAVAILABLE).
 _RETRIES = 10
-# group_counts is compacted once it holds this many delta rows.
+# group_counts is compacted once it holds this many delta rows, or a journal row this many seconds old
+# (so the history table has the seconds before they are trimmed into minutes).
 _COMPACT_AT = 1000
+_COMPACT_AGE_SECONDS = 60
 _COMPACT_EVERY = 5.0
+# History is trimmed (seconds into minutes, old minutes away, idle groups forgotten) at most this often.
+_TRIM_EVERY_SECONDS = 60
+_NANOS = 1_000_000_000
 _STORE = "PostgreSQL store"
 # A queue key (nb_s, nb_ns, id) below every task's: where LOCK_HEAD's first page starts.
 _BEFORE_ALL = (-(2**63), 0, 0)
+
+
+#: A row for INSERT_TASKS: (grp, nb_s, nb_ns, body, labels, has_error).
+Row = tuple[bytes, int, int, bytes, str | None, bool]
 
 
 def _labels_from_column(value: list[str] | None) -> str | None:
@@ -125,6 +138,11 @@ class PostgresStore:
         self.retries = 0  # transactions retried after a deadlock or serialization failure, ever
         self.pool_rechecks = 0  # pool checks done after the listener replaced its connection, ever
         self._availability: list[Callable[[str | None], Awaitable[None]]] = []
+        #: When the counters began (ns since the epoch), read at open.
+        self.stats_since = 0
+        self._next_trim = 0
+        #: Group statistics and listings for the admin API and the metrics.
+        self.admin = PgAdminView(self)
 
     # -- life cycle --------------------------------------------------------------------
 
@@ -137,6 +155,8 @@ class PostgresStore:
         try:
             async with await psycopg.AsyncConnection.connect(store._conninfo, autocommit=True) as conn:
                 store.schema_version = await schema.migrate(conn, options.schema, target=migrate_to)
+                if store.schema_version.now >= 4:
+                    store.stats_since = await schema.stats_since(conn, options.schema, clock())
             await store._pool.open(wait=True, timeout=max(options.connect_timeout, 1.0) * 2)
             await store._listener.start()
         except (psycopg.Error, psycopg_pool.PoolTimeout, OSError) as exc:
@@ -233,7 +253,9 @@ class PostgresStore:
 
     async def _configure(self, conn: Conn) -> None:
         timeout_ms = max(1, round(self.options.statement_timeout * 1000))
-        await conn.execute(f"SET statement_timeout = {timeout_ms}")
+        # No JIT: every statement here is short, and on a large table the planner's cost estimates cross
+        # jit_above_cost, whose compilation (30 to 100 ms) would then dominate a statistics read.
+        await conn.execute(f"SET statement_timeout = {timeout_ms}; SET jit = off")
 
     # -- running statements ----------------------------------------------------------------
 
@@ -301,7 +323,15 @@ class PostgresStore:
 
             return await self._run(own_or_park)
         until_s, until_ns = split_ns(until)
-        params = {"grp": grp, "now_s": now_s, "now_ns": now_ns, "n": n, "until_s": until_s, "until_ns": until_ns}
+        params = {
+            "grp": grp,
+            "now_s": now_s,
+            "now_ns": now_ns,
+            "n": n,
+            "until_s": until_s,
+            "until_ns": until_ns,
+            "at_s": self._clock() // _NANOS,
+        }
 
         async def own(conn: Conn) -> list[StoredTask]:
             cur = await conn.one(self._sql.own_head, params)
@@ -324,7 +354,7 @@ class PostgresStore:
         max_attempts, dead_group = dead_letter
         dead_grp = group_bytes(dead_group)
         doomed: list[int] = []
-        rows: list[tuple[bytes, int, int, bytes, str | None]] = []
+        rows: list[Row] = []
         owned: list[bool] = []
         count = 0
         after_s, after_ns, after_id = _BEFORE_ALL
@@ -343,25 +373,31 @@ class PostgresStore:
                 },
             )
             found = await cur.fetchall()
-            for task_id, _, _, stored, labels in found:
+            for task_id, _, _, stored, labels, has_error in found:
                 body = bytes(stored)
                 doomed.append(task_id)
                 attempts = attempts_of(body)
                 if attempts < max_attempts:
-                    rows.append((grp, until_s, until_ns, owned_once_more(body), _labels_from_column(labels)))
+                    rows.append((grp, until_s, until_ns, owned_once_more(body), _labels_from_column(labels), has_error))
                     owned.append(True)
                     count += 1
                 else:
-                    rows.append((dead_grp, now_s, now_ns, parked_body(body, attempts), _labels_from_column(labels)))
+                    parked = parked_body(body, attempts)
+                    rows.append((dead_grp, now_s, now_ns, parked, _labels_from_column(labels), True))
                     owned.append(False)
             if len(found) < page:
                 break
             after_id, after_s, after_ns = found[-1][0], found[-1][1], found[-1][2]
         if not doomed:
             return []
+        at_s = self._clock() // _NANOS
+        # The owned copies are rewrites of what the deletion removed (it counted them as departed), and owned.
+        kept = count
         async with conn.pipeline():
-            deleted = await conn.execute(self._sql.delete_by_ids, {"ids": doomed})
-            inserted = await self._send_inserts(conn, rows)
+            deleted = await conn.execute(self._sql.delete_by_ids, {"ids": doomed, "at_s": at_s})
+            inserted = await self._send_inserts(
+                conn, rows, at_s, leased=owned, paired={grp: kept} if kept else None, owned={grp: kept}
+            )
             assert inserted is not None
             await deleted.fetchall()
             # INSERT_TASKS numbers the rows in order: sorted IDs line up with `rows`.
@@ -409,7 +445,15 @@ class PostgresStore:
 
                 return await self._run(own_or_park)
             until_s, until_ns = split_ns(until)
-            params = {"grp": grp, "now_s": now_s, "now_ns": now_ns, "n": n, "until_s": until_s, "until_ns": until_ns}
+            params = {
+                "grp": grp,
+                "now_s": now_s,
+                "now_ns": now_ns,
+                "n": n,
+                "until_s": until_s,
+                "until_ns": until_ns,
+                "at_s": self._clock() // _NANOS,
+            }
 
             async def own(conn: Conn) -> tuple[list[StoredTask], bool]:
                 # The peek after the lease (same round trip) tells whether the next waiter should look too.
@@ -479,23 +523,35 @@ class PostgresStore:
         Same errors, in the same order, as the in-memory store's ``update``.
         """
         ids, groups, selectors = _split_refs(deleted)
-        new_rows = self._rows(created)
+        now = self._clock()
+        at_s = now // _NANOS
+        new_rows = self._rows(created, now)
         if not predicates and not groups and not selectors and not created and len(ids) == 1:
             # A lease's commit: one statement, one round trip; 0 rows deleted changed nothing.
-            return await self._delete_one(ids[0])
+            return await self._delete_one(ids[0], at_s)
         if not predicates and not deleted:
-            return await self._create_only(new_rows)
+            return await self._create_only(new_rows, at_s)
 
         async def apply(conn: Conn) -> list[int]:
             # Two round trips: the checks and deletions, then (only if they pass, so a failed Update
-            # uses no ID) the creations with the COMMIT.
+            # uses no ID) the creations with the COMMIT. Between them, Python pairs the creations with
+            # the removed tasks, for the counters and the leases carried over.
             async with conn.pipeline():
                 async with conn.transaction():
                     pending = await self._send_deletes(
-                        conn, predicates, ids, groups, selectors, self._sql.delete_by_ids
+                        conn, predicates, ids, groups, selectors, self._sql.delete_by_ids, at_s
                     )
-                    await self._check_deletes(pending, predicates, ids)
-                    inserted = await self._send_inserts(conn, new_rows)
+                    removed = await self._check_deletes(pending, predicates, ids)
+                    paired = pairs((bytes(row[1]) for row in removed), (row[0] for row in new_rows))
+                    leased = None
+                    if paired and any(row[4] for row in removed):
+                        leased = carried_leases(
+                            False,
+                            _removed_in_order(deleted, removed),
+                            [(group_from_bytes(row[0]), join_ns(row[1], row[2])) for row in new_rows],
+                            now,
+                        )
+                    inserted = await self._send_inserts(conn, new_rows, at_s, leased=leased, paired=paired)
                 return sorted(row[0] for row in await inserted.fetchall()) if inserted is not None else []
 
         return await self._run(apply)
@@ -511,65 +567,68 @@ class PostgresStore:
     ) -> int:
         """Replace every selected task by a copy with the given fields overwritten (as in memory)."""
         ids, groups, selectors = _split_refs(refs)
+        at_s = self._clock() // _NANOS
 
         async def apply(conn: Conn) -> int:
             async with conn.transaction():
                 async with conn.pipeline():
-                    pending = await self._send_deletes(conn, (), ids, groups, selectors, self._sql.take_by_ids)
+                    pending = await self._send_deletes(conn, (), ids, groups, selectors, self._sql.take_by_ids, at_s)
                     taken = await self._check_deletes(pending, (), ids)
                 rows = {row[0]: row for row in taken}
-                new_rows = []
+                new_rows: list[Row] = []
+                leased: list[bool] = []
                 for old_id in _selection_order(refs, rows):
-                    _, grp, s, ns, body, old_labels = rows[old_id]
+                    _, old_grp, old_s, old_ns, was_leased, old_labels, body, has_error = rows[old_id]
+                    grp, s, ns = bytes(old_grp), old_s, old_ns
                     if group is not None:
                         grp = group_bytes(group)
                     if not_before is not None:
                         s, ns = split_ns(not_before)
                     if body_patch is not None:
                         body = body_patch(bytes(body))
+                        has_error = body_has_error(body)
                     label_text = _labels_from_column(old_labels) if labels is None else labels_column(labels)
-                    new_rows.append((bytes(grp), s, ns, bytes(body), label_text))
+                    new_rows.append((grp, s, ns, bytes(body), label_text, has_error))
+                    # A copy that keeps its group and not_before keeps its lease (the in-memory rule).
+                    leased.append(was_leased and grp == bytes(old_grp) and (s, ns) == (old_s, old_ns))
+                paired = pairs((bytes(row[1]) for row in taken), (row[0] for row in new_rows))
                 async with conn.pipeline():
-                    inserted = await self._send_inserts(conn, new_rows)
+                    inserted = await self._send_inserts(conn, new_rows, at_s, leased=leased, paired=paired)
                     if inserted is not None:
                         await inserted.fetchall()
                 return len(new_rows)
 
         return await self._run(apply)
 
-    def _rows(self, created: Iterable[TaskSpec]) -> list[tuple[bytes, int, int, bytes, str | None]]:
-        """Created tasks as INSERT_TASKS rows; no ``not_before`` means now."""
+    def _rows(self, created: Iterable[TaskSpec], now: int) -> list[Row]:
+        """Created tasks as INSERT_TASKS rows; no ``not_before`` means ``now``."""
         rows = []
-        now: int | None = None
-        for group, not_before, body, labels, _error in created:  # the error flag is for the in-memory statistics
-            if not_before is None:
-                if now is None:
-                    now = self._clock()
-                not_before = now
-            s, ns = split_ns(not_before)
-            rows.append((group_bytes(group), s, ns, body, labels_column(labels)))
+        for group, not_before, body, labels, error in created:
+            s, ns = split_ns(now if not_before is None else not_before)
+            rows.append((group_bytes(group), s, ns, body, labels_column(labels), error))
         return rows
 
-    async def _delete_one(self, task_id: int) -> list[int]:
+    async def _delete_one(self, task_id: int, at_s: int) -> list[int]:
         if task_id > _MAX_ID:
             raise NotFound(f"task {task_id} does not exist")
 
         async def apply(conn: Conn) -> list[int]:
-            cur = await conn.one(self._sql.delete_by_ids, {"ids": [task_id]})
-            if not await cur.fetchall():
+            cur = await conn.one(self._sql.delete_one, {"id": task_id, "at_s": at_s})
+            row = await cur.fetchone()
+            if row is None or not row[0]:
                 raise NotFound(f"task {task_id} does not exist")
             return []
 
         return await self._run(apply)
 
-    async def _create_only(self, rows: list[tuple[bytes, int, int, bytes, str | None]]) -> list[int]:
+    async def _create_only(self, rows: list[Row], at_s: int) -> list[int]:
         if not rows:
             return []
 
         async def apply(conn: Conn) -> list[int]:
             # Autocommit: the insert commits, then the notification goes out. One round trip.
             async with conn.pipeline():
-                inserted = await self._send_inserts(conn, rows)
+                inserted = await self._send_inserts(conn, rows, at_s)
                 assert inserted is not None
                 return sorted(row[0] for row in await inserted.fetchall())
 
@@ -583,6 +642,7 @@ class PostgresStore:
         groups: list[str],
         selectors: list[tuple[tuple[str, str], ...]],
         by_ids: LiteralString,
+        at_s: int,
     ) -> list[psycopg.AsyncCursor[Any]]:
         """Queue (in a pipeline) the predicate locks and the deletions, IDs first (so overlaps count as found)."""
         pending: list[psycopg.AsyncCursor[Any]] = []
@@ -593,14 +653,15 @@ class PostgresStore:
         if real_predicates:
             pending.append(await conn.execute(self._sql.lock_predicates, {"ids": real_predicates}))
         if ids:
-            pending.append(await conn.execute(by_ids, {"ids": [i for i in ids if i <= _MAX_ID]}))
+            pending.append(await conn.execute(by_ids, {"ids": [i for i in ids if i <= _MAX_ID], "at_s": at_s}))
         take = by_ids is self._sql.take_by_ids
         if groups:
             statement = self._sql.take_by_groups if take else self._sql.delete_by_groups
-            pending.append(await conn.execute(statement, {"groups": [group_bytes(g) for g in groups]}))
+            pending.append(await conn.execute(statement, {"groups": [group_bytes(g) for g in groups], "at_s": at_s}))
         for selector in selectors:
             statement = self._sql.take_by_labels if take else self._sql.delete_by_labels
-            pending.append(await conn.execute(statement, {"labels": [label_element(k, v) for k, v in selector]}))
+            labels = [label_element(k, v) for k, v in selector]
+            pending.append(await conn.execute(statement, {"labels": labels, "at_s": at_s}))
         return pending
 
     async def _check_deletes(
@@ -625,16 +686,41 @@ class PostgresStore:
         return [row for rows in results[position:] for row in rows]
 
     async def _send_inserts(
-        self, conn: Conn, rows: list[tuple[bytes, int, int, bytes, str | None]]
+        self,
+        conn: Conn,
+        rows: list[Row],
+        at_s: int,
+        *,
+        leased: list[bool] | None = None,
+        paired: dict[bytes, int] | None = None,
+        owned: dict[bytes, int] | None = None,
     ) -> psycopg.AsyncCursor[Any] | None:
-        """Queue the inserts and one notification per distinct group; None when there is nothing to insert."""
+        """Queue the inserts and one notification per distinct group; None when there is nothing to insert.
+
+        ``leased``: which rows carry a lease (none if None). ``paired``: per group, how many rows rewrite
+        a task this transaction removed; ``owned``: per group, how many an owning Query owned.
+        """
         if not rows:
             return None
         # Lists: psycopg sends a list as an array (a tuple would be a record).
         columns = [list(column) for column in zip(*rows, strict=True)]
+        pair_groups = sorted({*(paired or ()), *(owned or ())})
         cur = await conn.execute(
             self._sql.insert_tasks,
-            {"groups": columns[0], "nb_s": columns[1], "nb_ns": columns[2], "bodies": columns[3], "labels": columns[4]},
+            {
+                "groups": columns[0],
+                "nb_s": columns[1],
+                "nb_ns": columns[2],
+                "bodies": columns[3],
+                "labels": columns[4],
+                # None when no row has the flag: most creates have neither, and an array costs per row.
+                "errors": columns[5] if any(columns[5]) else None,
+                "leased": leased if leased is not None and any(leased) else None,
+                "pair_groups": pair_groups,
+                "rewrites": [(paired or {}).get(g, 0) for g in pair_groups],
+                "owned": [(owned or {}).get(g, 0) for g in pair_groups],
+                "at_s": at_s,
+            },
         )
         payloads = sorted({notify_payload(group_from_bytes(g)) for g in dict.fromkeys(columns[0])})
         await conn.execute(self._sql.notify_groups, {"channel": self.options.channel, "groups": payloads})
@@ -667,9 +753,6 @@ class PostgresStore:
 
         return await self._run(read)
 
-    #: No per-group statistics (leases, errors, counters, history) yet: the admin API answers UNIMPLEMENTED.
-    admin = None
-
     async def group_stats(self, now: int) -> tuple[GroupStats, int]:
         """Every non-empty group's (size, visible at ``now``), and the total; never scans the tasks table."""
         now_s, now_ns = split_ns(now)
@@ -687,23 +770,56 @@ class PostgresStore:
         return (await self.debug("", 1))[1]
 
     async def check(self) -> None:
-        """Assert that group_counts agrees with the tasks table, and the waiters' invariants (tests)."""
+        """Assert that group_counts and the statistics agree with the tasks table, and the waiters' invariants.
 
-        async def read(conn: Conn) -> list[tuple[Any, ...]]:
-            return await (await conn.execute(self._sql.counts_disagree)).fetchall()
+        For the tests: it scans both tables and reads every body.
+        """
 
-        disagree = await self._run(read)
+        async def read(conn: Conn) -> tuple[list[tuple[Any, ...]], ...]:
+            async with conn.transaction():  # one snapshot for the three reads
+                await conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+                counts = await (await conn.execute(self._sql.counts_disagree)).fetchall()
+                stats = await (await conn.execute(self._sql.stats_disagree)).fetchall()
+                flags = await (await conn.execute(self._sql.error_flags)).fetchall()
+            return counts, stats, flags
+
+        disagree, wrong_stats, flags = await self._run(read)
         assert not disagree, f"group_counts disagrees with the tasks table (group, counted, actual): {disagree}"
+        assert not wrong_stats, (
+            "statistics disagree with the tasks table or break an invariant "
+            f"(group, n, actual n, errors, actual errors, created, owned, departed): {wrong_stats}"
+        )
+        wrong_flags = [task_id for task_id, body, flag in flags if flag != body_has_error(bytes(body))]
+        assert not wrong_flags, f"tasks whose has_error disagrees with their body: {wrong_flags[:20]}"
         self.waiters._check()
 
-    async def compact_counts(self) -> bool:
-        """Fold group_counts' delta rows if there are many; True when it did."""
+    async def compact_counts(self, *, force: bool = False) -> bool:
+        """Fold group_counts' journal rows into base rows and history if due (or ``force``); True when it did.
+
+        Due: many rows, or a journal row older than a minute. At most once a minute (and when forced),
+        history is trimmed too. One transaction, one server at a time (an advisory lock: the others skip).
+        """
+        now_s = self._clock() // _NANOS
+        trim = force or now_s >= self._next_trim
 
         async def compact(conn: Conn) -> bool:
             row = await (await conn.execute(self._sql.count_rows)).fetchone()
-            if row is None or row[0] < _COMPACT_AT:
+            assert row is not None
+            rows, oldest = row
+            fresh = oldest is None or oldest >= now_s - _COMPACT_AGE_SECONDS
+            if not force and not trim and rows < _COMPACT_AT and fresh:
                 return False
-            await conn.execute(self._sql.compact_counts)
+            async with conn.transaction():
+                cur = await conn.execute(self._sql.compact_lock, {"key": "masstasker compact " + self.options.schema})
+                locked = await cur.fetchone()
+                if not locked or not locked[0]:
+                    return False
+                await conn.execute(self._sql.compact_counts)
+                if trim:
+                    await conn.execute(self._sql.trim_seconds, {"before": now_s - SECONDS_KEPT})
+                    await conn.execute(self._sql.trim_minutes, {"before": now_s - 60 * MINUTES_KEPT})
+            if trim:
+                self._next_trim = now_s + _TRIM_EVERY_SECONDS
             return True
 
         return await self._run(compact)
@@ -718,14 +834,14 @@ class PostgresStore:
 
     async def bootstrap(self, group: str) -> bool:
         """Create the bootstrap task on the schema's first start only (as a data directory's first start)."""
-        rows = self._rows([TaskSpec(group, None)])
+        rows = self._rows([TaskSpec(group, None)], self._clock())
 
         async def apply(conn: Conn) -> bool:
             async with conn.transaction():
                 if not await schema.claim_bootstrap(conn, self.options.schema):
                     return False
                 async with conn.pipeline():
-                    inserted = await self._send_inserts(conn, rows)
+                    inserted = await self._send_inserts(conn, rows, self._clock() // _NANOS)
                     assert inserted is not None
                     await inserted.fetchall()
                 return True
@@ -770,6 +886,16 @@ def _split_refs(refs: Iterable[Ref]) -> tuple[list[int], list[str], list[tuple[t
         else:
             raise BadRequest("task ref has no selector set (id, selector or group)")
     return ids, groups, selectors
+
+
+def _removed_in_order(refs: Iterable[Ref], removed: list[tuple[Any, ...]]) -> list[tuple[str, int, int, bool]]:
+    """The removed rows (id, grp, nb_s, nb_ns, leased, labels) as ``(group, id, not_before, leased)``,
+    in the order the in-memory store removes them (the order that pairs them with creations)."""
+    rows = {row[0]: row for row in removed}
+    return [
+        (group_from_bytes(row[1]), row[0], join_ns(row[2], row[3]), row[4])
+        for row in (rows[i] for i in _selection_order(refs, rows))
+    ]
 
 
 def _selection_order(refs: Iterable[Ref], rows: dict[int, tuple[Any, ...]]) -> list[int]:
