@@ -336,11 +336,14 @@
     app.replaceChildren(el("h1", { text: groupName(name) }), cards, chartBox, actions, el("h2", { text: "Tasks in queue order" }), filters,
       el("table", {}, el("thead", {}, el("tr", {}, ...["id", "state", "not before", "attempts", "type", "labels", "error"].map((h) => el("th", { text: h, className: h === "attempts" ? "attempts n" : "" })))), tbody), pager);
 
+    let asked = 0;  // reloads started: only the newest one's answer is shown (answers may arrive out of order)
     async function reload() {
+      const mine = ++asked;
       let reply;
       try {
         reply = await api("/api/tasks", { group: name, page_token: token, labels: labels.split(",").join("\n"), state: state });
       } catch (err) { return say(err.message); }
+      if (mine !== asked) return;
       // Attempts (Task field 7) only where the server has it.
       const attempts = reply.tasks.some((t) => t.attempts !== null);
       for (const cell of document.querySelectorAll(".attempts")) cell.hidden = !attempts;
@@ -361,8 +364,10 @@
       points.push([data.now, g.total]);
       while (points.length && points[0][0] < data.now - 3600) points.shift();
       chartBox.replaceChildren(lineChart(points, 720, 140, "chart", true));
+      // The first event reloads too: a change between the first listing and the stream's start
+      // would otherwise leave the list behind the counts until the next change.
       const key = [g.total, g.created, g.owned, g.departed, g.leased, g.errors].join("/");
-      if (lastKey && key !== lastKey) reload();
+      if (key !== lastKey) reload();
       lastKey = key;
     });
     return () => s.stop();
@@ -422,7 +427,7 @@
     const s = stream({ group: t.group }, async (data) => {
       const g = data.group;
       const key = [g.total, g.created, g.owned, g.departed].join("/");
-      if (lastKey && key !== lastKey) {
+      if (key !== lastKey) {  // the first event too: the task may have gone since the page was read
         try { await api("/api/task", { id: id }); } catch (err) {
           if (err.status === 404) status.textContent = "This task no longer exists: it was done, leased, moved or retried (each change gives a task a new ID).";
         }
