@@ -322,8 +322,20 @@ class PostgresStore:
                     return await self._own_or_park(conn, group, now, until, n, dead_letter)
 
             return await self._run(own_or_park)
+        params = self._own_params(grp, now, until, n)
+
+        async def own(conn: Conn) -> list[StoredTask]:
+            cur = await conn.one(self._sql.own_head, params)
+            rows = sorted(await cur.fetchall())
+            return [StoredTask(i, group, until, b, None) for i, b in rows]
+
+        return await self._run(own)
+
+    def _own_params(self, grp: bytes, now: int, until: int, n: int) -> dict[str, object]:
+        """OWN_HEAD's parameters: the group's first ``n`` visible at ``now``, owned until ``until``."""
+        now_s, now_ns = split_ns(now)
         until_s, until_ns = split_ns(until)
-        params = {
+        return {
             "grp": grp,
             "now_s": now_s,
             "now_ns": now_ns,
@@ -332,13 +344,6 @@ class PostgresStore:
             "until_ns": until_ns,
             "at_s": self._clock() // _NANOS,
         }
-
-        async def own(conn: Conn) -> list[StoredTask]:
-            cur = await conn.one(self._sql.own_head, params)
-            rows = sorted(await cur.fetchall())
-            return [StoredTask(i, group, until, b, None) for i, b in rows]
-
-        return await self._run(own)
 
     async def _own_or_park(
         self, conn: Conn, group: str, now: int, until: int, n: int, dead_letter: DeadLetter
@@ -444,16 +449,7 @@ class PostgresStore:
                     return tasks, more
 
                 return await self._run(own_or_park)
-            until_s, until_ns = split_ns(until)
-            params = {
-                "grp": grp,
-                "now_s": now_s,
-                "now_ns": now_ns,
-                "n": n,
-                "until_s": until_s,
-                "until_ns": until_ns,
-                "at_s": self._clock() // _NANOS,
-            }
+            params = self._own_params(grp, now, until, n)
 
             async def own(conn: Conn) -> tuple[list[StoredTask], bool]:
                 # The peek after the lease (same round trip) tells whether the next waiter should look too.
