@@ -262,12 +262,27 @@ FROM sizes
 
 # -- the admin API (statistics and listings) ---------------------------------------------------
 
+# For the admin statements below: a group's tasks not visible yet, split by their lease flag (tasks_queue
+# from now on: usually few, the leases), and its head's not_before (one probe of tasks_queue). {grp} is
+# the group's column or parameter.
+_HIDDEN_AND_HEAD = """CROSS JOIN LATERAL (
+    SELECT count(*) FILTER (WHERE t.leased)::int8 AS leased, count(*)::int8 AS n FROM {schema}.tasks t
+    WHERE t.grp = {grp} AND (t.nb_s, t.nb_ns) > (%(now_s)b::int8, %(now_ns)b::int4)
+) hidden
+LEFT JOIN LATERAL (
+    SELECT t.nb_s, t.nb_ns FROM {schema}.tasks t WHERE t.grp = {grp}
+    ORDER BY t.grp, t.nb_s, t.nb_ns, t.id LIMIT 1
+) head ON true
+"""
+
+
 # One statement, one snapshot, one row per group, never a scan of the visible backlog:
 # group_counts (small: compacted) summed per group; the tasks not visible yet counted from
 # tasks_queue and split by their lease flag (usually few: the leases); the head's key by one probe
 # of tasks_queue; the counters of the seconds [from_s, to_s] from the journal rows (a scan of
 # group_counts) and group_history's per-second rows (group_history_recent), as arrays per group.
-ADMIN_GROUPS = """
+ADMIN_GROUPS = (
+    """
 WITH sums AS (
     SELECT grp, sum(n)::int8 AS n, sum(errors)::int8 AS errors, sum(created)::int8 AS created,
         sum(owned)::int8 AS owned, sum(departed)::int8 AS departed
@@ -289,16 +304,11 @@ SELECT sums.grp, sums.n, sums.errors, sums.created, sums.owned, sums.departed, h
     head.nb_s, head.nb_ns, rates.s, rates.c, rates.o, rates.d
 FROM sums
 LEFT JOIN rates ON rates.grp = sums.grp
-CROSS JOIN LATERAL (
-    SELECT count(*) FILTER (WHERE t.leased)::int8 AS leased, count(*)::int8 AS n FROM {schema}.tasks t
-    WHERE t.grp = sums.grp AND (t.nb_s, t.nb_ns) > (%(now_s)b::int8, %(now_ns)b::int4)
-) hidden
-LEFT JOIN LATERAL (
-    SELECT t.nb_s, t.nb_ns FROM {schema}.tasks t WHERE t.grp = sums.grp
-    ORDER BY t.grp, t.nb_s, t.nb_ns, t.id LIMIT 1
-) head ON true
-ORDER BY sums.grp
 """
+    + _HIDDEN_AND_HEAD.replace("{grp}", "sums.grp")
+    + """ORDER BY sums.grp
+"""
+)
 
 # As ADMIN_GROUPS for one group (one row, zeros for a group never seen), with its whole kept history:
 # the journal rows and group_history's rows (primary key), summed per (width, period), oldest first.
@@ -324,19 +334,12 @@ WITH sums AS (
 SELECT sums.n, sums.errors, sums.created, sums.owned, sums.departed, hidden.leased, hidden.n,
     head.nb_s, head.nb_ns, history.w, history.p, history.c, history.o, history.d
 FROM sums CROSS JOIN history
-CROSS JOIN LATERAL (
-    SELECT count(*) FILTER (WHERE t.leased)::int8 AS leased, count(*)::int8 AS n FROM {schema}.tasks t
-    WHERE t.grp = %(grp)b AND (t.nb_s, t.nb_ns) > (%(now_s)b::int8, %(now_ns)b::int4)
-) hidden
-LEFT JOIN LATERAL (
-    SELECT t.nb_s, t.nb_ns FROM {schema}.tasks t WHERE t.grp = %(grp)b
-    ORDER BY t.grp, t.nb_s, t.nb_ns, t.id LIMIT 1
-) head ON true
-"""
+""" + _HIDDEN_AND_HEAD.replace("{grp}", "%(grp)b")
 
 # ADMIN_GROUPS with every group's whole kept history instead of the recent seconds (ListGroups asked
 # for history): group_history read whole (primary key order), as ADMIN_GROUP's arrays per group.
-ADMIN_GROUPS_HISTORY = """
+ADMIN_GROUPS_HISTORY = (
+    """
 WITH sums AS (
     SELECT grp, sum(n)::int8 AS n, sum(errors)::int8 AS errors, sum(created)::int8 AS created,
         sum(owned)::int8 AS owned, sum(departed)::int8 AS departed
@@ -358,16 +361,11 @@ SELECT sums.grp, sums.n, sums.errors, sums.created, sums.owned, sums.departed, h
     head.nb_s, head.nb_ns, history.w, history.p, history.c, history.o, history.d
 FROM sums
 LEFT JOIN history ON history.grp = sums.grp
-CROSS JOIN LATERAL (
-    SELECT count(*) FILTER (WHERE t.leased)::int8 AS leased, count(*)::int8 AS n FROM {schema}.tasks t
-    WHERE t.grp = sums.grp AND (t.nb_s, t.nb_ns) > (%(now_s)b::int8, %(now_ns)b::int4)
-) hidden
-LEFT JOIN LATERAL (
-    SELECT t.nb_s, t.nb_ns FROM {schema}.tasks t WHERE t.grp = sums.grp
-    ORDER BY t.grp, t.nb_s, t.nb_ns, t.id LIMIT 1
-) head ON true
-ORDER BY sums.grp
 """
+    + _HIDDEN_AND_HEAD.replace("{grp}", "sums.grp")
+    + """ORDER BY sums.grp
+"""
+)
 
 # A page of a group's tasks: the candidates are at most `scan` tasks after a key (the page token's, or
 # the state's lower bound: one row comparison, so that both bounds bound the index scan) and up to the
