@@ -19,7 +19,6 @@ as a real database would have done by itself).
 from __future__ import annotations
 
 import argparse
-import os
 import random
 import time
 import urllib.request
@@ -30,7 +29,7 @@ from google.protobuf.duration_pb2 import Duration
 
 from benchmarks.loadgen import percentile
 from benchmarks.pg import start_cluster
-from benchmarks.procs import ServerProcess
+from benchmarks.procs import ServerProcess, cpu_seconds
 from benchmarks.scenarios import fill
 from masstasker._pb import masstasker_admin_pb2 as apb
 from masstasker._pb import masstasker_admin_pb2_grpc as apb_grpc
@@ -79,22 +78,6 @@ def _prepare(target: str, big: int, groups: int) -> dict[str, int]:
     }
 
 
-_TICK = os.sysconf("SC_CLK_TCK")
-
-
-def _cpu_seconds(pids: list[int]) -> float:
-    """CPU (user + system) used so far by these processes, from /proc."""
-    total = 0
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        total += int(fields[11]) + int(fields[12])
-    return total / _TICK
-
-
 Timed = tuple[str, list[float], float, float]
 
 
@@ -104,13 +87,13 @@ def _time_calls(
     """Latencies in ms, sorted; and the server's and the store's CPU per call in ms (robust to a busy machine)."""
     samples = []
     pids = store_pids()
-    server_before, store_before = _cpu_seconds(server_pids), _cpu_seconds(pids)
+    server_before, store_before = cpu_seconds(server_pids), cpu_seconds(pids)
     for i in range(calls):
         began = time.perf_counter()
         call(i)
         samples.append((time.perf_counter() - began) * 1e3)
-    server_cpu = (_cpu_seconds(server_pids) - server_before) / calls * 1e3
-    store_cpu = (_cpu_seconds(pids) - store_before) / calls * 1e3
+    server_cpu = (cpu_seconds(server_pids) - server_before) / calls * 1e3
+    store_cpu = (cpu_seconds(pids) - store_before) / calls * 1e3
     return name, sorted(samples), server_cpu, store_cpu
 
 

@@ -13,7 +13,6 @@ Besides the servers' CPU each row gives PostgreSQL's (``pg_cpu``, cores, all its
 
 from __future__ import annotations
 
-import os
 import statistics
 import threading
 import time
@@ -24,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from benchmarks.loadgen import percentile
-from benchmarks.procs import ServerProcess
+from benchmarks.procs import ServerProcess, cpu_seconds
 from benchmarks.report import Target
 from benchmarks.scenarios import (
     _DISPATCH_SLACK,
@@ -40,7 +39,6 @@ from masstasker.testing_postgres import PostgresCluster, fresh_schema_name, quot
 
 __all__ = ["PG_SCENARIOS", "PgContext", "check_pg_targets", "start_cluster"]
 
-_CLK_TCK = os.sysconf("SC_CLK_TCK")
 _BLOAT_WINDOW = 10.0  # seconds per measurement window while churning towards the cycle count
 _BLOAT_CAP = 900.0  # wall-clock cap on the churn, whatever the count
 _SCRAPES = 20
@@ -58,29 +56,20 @@ def start_cluster() -> PostgresCluster:
     return PostgresCluster({"max_connections": "300", **logging}).start()
 
 
-def _cpu_ticks(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except (FileNotFoundError, ProcessLookupError):
-        return 0
-    return int(fields[11]) + int(fields[12])
-
-
 class _PgCpu:
     """CPU used by every process of the cluster between start() and stop() (new backends included)."""
 
     def __init__(self, cluster: PostgresCluster) -> None:
         self.cluster = cluster
-        self._before: dict[int, int] = {}
+        self._before: dict[int, float] = {}
 
     def start(self) -> None:
-        self._before = {pid: _cpu_ticks(pid) for pid in self.cluster.pids()}
+        self._before = {pid: cpu_seconds([pid]) for pid in self.cluster.pids()}
 
     def seconds(self) -> float:
-        now = {pid: _cpu_ticks(pid) for pid in self.cluster.pids()}
+        now = {pid: cpu_seconds([pid]) for pid in self.cluster.pids()}
         # A process that exited during the window is lost; pools keep their backends, so that is rare.
-        return sum(ticks - self._before.get(pid, 0) for pid, ticks in now.items()) / _CLK_TCK
+        return sum(seconds - self._before.get(pid, 0.0) for pid, seconds in now.items())
 
 
 class _NotifyCounter:

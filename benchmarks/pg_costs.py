@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -29,6 +28,7 @@ if __package__ in (None, ""):  # run as a script: python benchmarks/pg_costs.py
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.payload import payload
+from benchmarks.procs import cpu_seconds
 from masstasker._pb import masstasker_pb2 as pb
 from masstasker.testing_postgres import PostgresCluster
 
@@ -36,7 +36,6 @@ __all__ = ["main"]
 
 SCHEMA = "costs"
 LEASE_NS = 600 * 10**9
-_CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 _COUNTERS = f"""
 SELECT pg_stat_force_next_flush();
@@ -56,16 +55,8 @@ _FIELDS = ("wal", "statements", "commits", "task_ins", "task_del", "count_ins")
 def _counters(cluster: PostgresCluster) -> dict[str, float]:
     line = cluster.psql(_COUNTERS).strip().splitlines()[-1]
     values = dict(zip(_FIELDS, (float(v or 0) for v in line.split("|")), strict=True))
-    values["pg_cpu"] = sum(_cpu(pid) for pid in cluster.pids())
+    values["pg_cpu"] = cpu_seconds(cluster.pids())
     return values
-
-
-def _cpu(pid: int) -> float:
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (FileNotFoundError, ProcessLookupError):
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / _CLK_TCK
 
 
 def _body() -> bytes:
@@ -97,7 +88,7 @@ async def _measure(args: argparse.Namespace, cluster: PostgresCluster) -> list[t
         try:
             for _ in range(times):
                 await step(store)
-            cpu = sum(_cpu(pid) for pid in cluster.pids())  # before the backends exit and take it with them
+            cpu = cpu_seconds(cluster.pids())  # before the backends exit and take it with them
         finally:
             await store.close()
         await asyncio.sleep(0.5)  # the backends' exit, and with it their statistics, is asynchronous

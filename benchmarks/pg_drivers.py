@@ -31,6 +31,7 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script: python benchmarks/pg_drivers.py
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.procs import cpu_seconds
 from masstasker.testing_postgres import PostgresCluster
 
 __all__ = ["main"]
@@ -170,18 +171,6 @@ def _asyncpg_dsn(dsn: str) -> str:
 
 
 DRIVERS = {"psycopg": psycopg_cycles, "asyncpg": asyncpg_cycles}
-
-
-def cpu_seconds(pids: list[int]) -> float:
-    """User + system CPU of these processes so far (those that have exited count 0)."""
-    total = 0
-    for pid in pids:
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except (FileNotFoundError, ProcessLookupError):
-            continue
-        total += int(fields[11]) + int(fields[12])
-    return total / os.sysconf("SC_CLK_TCK")
 
 
 def wal_lsn(cluster: PostgresCluster) -> int:

@@ -12,11 +12,12 @@ from __future__ import annotations
 import os
 import re
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 
 from masstasker.testing import ServerProcess as Launched
 
-__all__ = ["ROOT", "ServerProcess", "cpu_plan", "pin"]
+__all__ = ["ROOT", "ServerProcess", "cpu_plan", "cpu_seconds", "pin"]
 
 #: The repository root (the worktree this file lives in).
 ROOT = Path(__file__).resolve().parent.parent
@@ -25,6 +26,18 @@ _METRICS = re.compile(r"metrics on http://(\S+)/metrics")
 _START_TIMEOUT = 30.0
 _STOP_TIMEOUT = 15.0
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pids: Iterable[int]) -> float:
+    """User + system CPU seconds these processes (all threads) have used so far, from /proc; one gone counts 0."""
+    ticks = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        ticks += int(fields[11]) + int(fields[12])
+    return ticks / _CLK_TCK
 
 
 def child_pythonpath() -> str:
@@ -112,8 +125,7 @@ class ServerProcess:
 
     def cpu_seconds(self) -> float:
         """User + system CPU time the server has used so far."""
-        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / _CLK_TCK
+        return cpu_seconds([self.pid])
 
     def alive(self) -> bool:
         """Whether the process is still running."""
