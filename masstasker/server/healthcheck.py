@@ -26,6 +26,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from masstasker.server.config import DEFAULT_PORT, ENV_PREFIX, dial_host, format_address, parse_address
+from masstasker.server.tls import read_file
 
 __all__ = ["HEALTHCHECK_ENV_PREFIX", "channel_credentials", "check", "main", "tls_problem"]
 
@@ -43,20 +44,12 @@ def default_target(env: Mapping[str, str] = os.environ) -> str:
     return format_address(dial_host(host), port)
 
 
-def _read(path: str, what: str) -> bytes:
-    try:
-        with open(path, "rb") as file:
-            return file.read()
-    except OSError as exc:
-        raise OSError(f"cannot read the {what} {path}: {exc.strerror or exc}") from exc
-
-
 def channel_credentials(ca: str, cert: str = "", key: str = "") -> grpc.ChannelCredentials:
     """TLS credentials trusting the CA in the file ``ca``, presenting ``cert``/``key`` if given (mTLS)."""
     return grpc.ssl_channel_credentials(
-        root_certificates=_read(ca, "CA (--tls-ca)"),
-        private_key=_read(key, "client key (--tls-key)") if key else None,
-        certificate_chain=_read(cert, "client certificate (--tls-cert)") if cert else None,
+        root_certificates=read_file(ca, "CA (--tls-ca)"),
+        private_key=read_file(key, "client key (--tls-key)") if key else None,
+        certificate_chain=read_file(cert, "client certificate (--tls-cert)") if cert else None,
     )
 
 

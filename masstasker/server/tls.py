@@ -26,7 +26,7 @@ import grpc
 
 from masstasker.server.config import Settings
 
-__all__ = ["ServerTls", "TlsFiles", "exposure_warnings", "is_loopback", "load_tls_files"]
+__all__ = ["ServerTls", "TlsFiles", "exposure_warnings", "is_loopback", "load_tls_files", "read_file"]
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,8 @@ class TlsFiles:
     client_ca: bytes | None
 
 
-def _read(path: str, what: str) -> bytes:
+def read_file(path: str, what: str) -> bytes:
+    """The file's bytes; OSError naming ``what`` (e.g. "TLS key (--tls-key)") and the path if unreadable."""
     try:
         with open(path, "rb") as file:
             return file.read()
@@ -49,9 +50,9 @@ def _read(path: str, what: str) -> bytes:
 
 
 def _read_all(settings: Settings) -> TlsFiles:
-    cert = _read(settings.tls_cert, "TLS certificate (--tls-cert)")
-    key = _read(settings.tls_key, "TLS key (--tls-key)")
-    client_ca = _read(settings.tls_client_ca, "client CA (--tls-client-ca)") if settings.tls_client_ca else None
+    cert = read_file(settings.tls_cert, "TLS certificate (--tls-cert)")
+    key = read_file(settings.tls_key, "TLS key (--tls-key)")
+    client_ca = read_file(settings.tls_client_ca, "client CA (--tls-client-ca)") if settings.tls_client_ca else None
     return TlsFiles(cert, key, client_ca)
 
 
