@@ -31,6 +31,7 @@ from benchmarks.scenarios import (
     Context,
     Row,
     Sample,
+    _fill_row,
     _group_size,
     create_one_by_one,
     fill,
@@ -204,25 +205,10 @@ def _sleep_until(moment: float) -> None:
 
 def _row(name: str, store: str, workers: int, runs: list[tuple[Sample, dict[str, Any]]]) -> Row:
     """Medians over repeats, PostgreSQL's CPU and the per-server split included."""
-    samples = [s for s, _ in runs]
     row = Row(name, store, workers)
-
-    def median(attr: str) -> float:
-        return statistics.median(getattr(s, attr) for s in samples)
-
-    row.ops_s, row.tasks_s = median("ops_s"), median("tasks_s")
-    row.p50_ms, row.p99_ms = median("p50_ms"), median("p99_ms")
-    row.server_cpu, row.loadgen_cpu = median("server_cpu"), median("loadgen_cpu")
-    for s in samples:
-        for code, n in s.errors.items():
-            row.errors[code] = row.errors.get(code, 0) + n
-    row.repeats = [
-        {
-            **{k: getattr(s, k) for k in ("ops_s", "tasks_s", "p50_ms", "p99_ms", "server_cpu", "loadgen_cpu")},
-            **{k: v for k, v in extra.items() if k in ("server_cpus", "pg_cpu", "notifications_s")},
-        }
-        for s, extra in runs
-    ]
+    _fill_row(row, [s for s, _ in runs])
+    for repeat, (_, extra) in zip(row.repeats, runs, strict=True):
+        repeat.update({k: v for k, v in extra.items() if k in ("server_cpus", "pg_cpu", "notifications_s")})
     if store == "postgres":
         row.extra["pg_cpu"] = statistics.median(extra["pg_cpu"] for _, extra in runs)
         split = [statistics.median(cpus) for cpus in zip(*(extra["server_cpus"] for _, extra in runs), strict=True)]
